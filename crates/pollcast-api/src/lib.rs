@@ -1,0 +1,56 @@
+//! The REST API: HTTP in, domain calls, contract answers out. No business rule lives
+//! here; [`error`] is the one place domain errors become status codes.
+
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use pollcast_domain::Domain;
+
+pub mod auth;
+pub mod body;
+pub mod error;
+pub mod routes;
+
+pub use error::ApiError;
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// The REST router (`/api/…`, `/healthz`, `/readyz`) over the domain services.
+pub fn router(domain: Domain) -> Router {
+    Router::new()
+        .merge(routes::sessions::router())
+        .merge(routes::participants::router())
+        .merge(routes::polls::router())
+        .merge(routes::votes::router())
+        .merge(routes::health::router())
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn(body::refuse_oversized))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(record_latency))
+        .with_state(domain)
+}
+
+/// Records every request's latency by route template (never by raw path, which
+/// would make one series per id).
+async fn record_latency(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().to_string();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let response = next.run(request).await;
+    metrics::histogram!(
+        "pollcast_http_request_duration_seconds",
+        "method" => method,
+        "route" => route,
+        "status" => response.status().as_u16().to_string(),
+    )
+    .record(started.elapsed().as_secs_f64());
+    response
+}

@@ -1,0 +1,139 @@
+//! The pollcast domain: every rule of sessions, polls, votes, results, presence and
+//! tokens, and the transactional outbox that gets committed changes into the event
+//! stream.
+//!
+//! Each operation that changes a session runs in one [`tx::SessionTx`]: it locks the
+//! session row first, makes the change, and writes the events the change caused to
+//! the outbox at the session's next stream positions, all in one transaction. The
+//! [`relay`] then publishes them. Operations take the caller's verified [`Claims`]
+//! and decide for themselves who may do what; the API layer only translates.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pollcast_stream::EventStream;
+use sea_orm::DatabaseConnection;
+use tokio::sync::Notify;
+
+pub mod code;
+mod convert;
+pub mod error;
+mod participants;
+mod polls;
+pub mod relay;
+mod results;
+mod sessions;
+pub mod token;
+mod tx;
+pub mod validate;
+mod votes;
+
+pub use error::{DomainError, DomainResult, VoteRejection};
+pub use participants::Joined;
+pub use polls::{NewPoll, NewPollOption};
+pub use sessions::CreatedSession;
+pub use token::{Claims, TokenKeys};
+pub use votes::VoteRequest;
+
+/// Settings of the domain services.
+#[derive(Clone, Debug)]
+pub struct DomainConfig {
+    /// How long issued tokens stay valid.
+    pub token_lifetime: Duration,
+    /// How long a `results:updated` waits to coalesce further votes. The contract
+    /// allows 100 ms between a vote and the results that cover it; the rest of that
+    /// budget is commit and delivery time.
+    pub results_interval: Duration,
+    /// When set, creating a session requires this bearer key.
+    pub admin_key: Option<String>,
+}
+
+impl Default for DomainConfig {
+    fn default() -> Self {
+        Self {
+            token_lifetime: Duration::from_secs(24 * 60 * 60),
+            results_interval: Duration::from_millis(50),
+            admin_key: None,
+        }
+    }
+}
+
+/// The domain services; cheap to clone, one per process.
+#[derive(Clone)]
+pub struct Domain {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: DatabaseConnection,
+    stream: Arc<dyn EventStream>,
+    keys: TokenKeys,
+    config: DomainConfig,
+    /// Wakes the relay after a commit that wrote events.
+    relay_wake: Arc<Notify>,
+    /// Polls with a `results:updated` scheduled.
+    results: results::Coalescer,
+}
+
+impl Domain {
+    /// Domain services over a migrated database and an event stream. Events reach
+    /// the stream once a [`relay::Relay`] built by [`Domain::relay`] runs.
+    pub fn new(
+        db: DatabaseConnection,
+        stream: Arc<dyn EventStream>,
+        secret: &[u8],
+        config: DomainConfig,
+    ) -> Self {
+        let keys = TokenKeys::new(secret, config.token_lifetime);
+        Self {
+            inner: Arc::new(Inner {
+                db,
+                stream,
+                keys,
+                results: results::Coalescer::default(),
+                config,
+                relay_wake: Arc::new(Notify::new()),
+            }),
+        }
+    }
+
+    /// The outbox relay of this domain; run it with [`relay::Relay::run`].
+    pub fn relay(&self) -> relay::Relay {
+        relay::Relay::new(
+            self.inner.db.clone(),
+            Arc::clone(&self.inner.stream),
+            Arc::clone(&self.inner.relay_wake),
+        )
+    }
+
+    /// Verifies a bearer token.
+    pub fn verify_token(&self, token: &str) -> DomainResult<Claims> {
+        self.inner.keys.verify(token)
+    }
+
+    /// The token keys (an edge in the same process verifies with them).
+    pub fn token_keys(&self) -> &TokenKeys {
+        &self.inner.keys
+    }
+
+    /// The event stream the relay publishes to.
+    pub fn stream(&self) -> &Arc<dyn EventStream> {
+        &self.inner.stream
+    }
+
+    /// Succeeds when both the database and the event stream answer.
+    pub async fn ready(&self) -> DomainResult<()> {
+        pollcast_store::ping(&self.inner.db)
+            .await
+            .map_err(|e| DomainError::Unavailable(format!("database: {e}")))?;
+        self.inner
+            .stream
+            .ping()
+            .await
+            .map_err(|e| DomainError::Unavailable(format!("event stream: {e}")))
+    }
+
+    fn db(&self) -> &DatabaseConnection {
+        &self.inner.db
+    }
+}

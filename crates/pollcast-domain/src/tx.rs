@@ -1,0 +1,112 @@
+//! One change to one session: the session row locked, the change, and the events it
+//! caused written to the outbox at consecutive positions, in one transaction.
+//!
+//! Locking the session row first (an UPDATE that changes nothing) serialises the
+//! writers of a session in PostgreSQL and takes SQLite's write lock at once, so
+//! positions are handed out in commit order and a reader of the outbox never sees
+//! position n+1 committed before n.
+
+use pollcast_protocol::{DomainEvent, SessionStatus, Timestamp};
+use pollcast_store::{outbox, session};
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, TransactionTrait,
+};
+use uuid::Uuid;
+
+use crate::{Domain, DomainError, DomainResult};
+
+pub(crate) struct SessionTx {
+    pub txn: DatabaseTransaction,
+    /// The session row as of the lock, fresh for this transaction.
+    pub session: session::Model,
+    /// When this change happens; every event of it carries this time.
+    pub now: Timestamp,
+    events: Vec<DomainEvent>,
+}
+
+impl SessionTx {
+    /// Begins a transaction on `session_id`, locking its row.
+    pub async fn begin(domain: &Domain, session_id: Uuid) -> DomainResult<Self> {
+        let txn = domain.db().begin().await?;
+        let locked = session::Entity::update_many()
+            .col_expr(
+                session::Column::LastPosition,
+                Expr::col(session::Column::LastPosition).into(),
+            )
+            .filter(session::Column::Id.eq(session_id))
+            .exec(&txn)
+            .await?;
+        if locked.rows_affected == 0 {
+            return Err(DomainError::SessionNotFound);
+        }
+        let session = session::Entity::find_by_id(session_id)
+            .one(&txn)
+            .await?
+            .ok_or(DomainError::SessionNotFound)?;
+        Ok(Self {
+            txn,
+            session,
+            now: Timestamp::now(),
+            events: Vec::new(),
+        })
+    }
+
+    /// The session's status.
+    pub fn status(&self) -> DomainResult<SessionStatus> {
+        crate::convert::parse(&self.session.status)
+    }
+
+    /// Records an event this change caused; it commits with the change.
+    pub fn emit(&mut self, event: DomainEvent) {
+        self.events.push(event);
+    }
+
+    /// Writes the events to the outbox, commits, and wakes the relay.
+    pub async fn commit(self, domain: &Domain) -> DomainResult<()> {
+        let SessionTx {
+            txn,
+            session,
+            now,
+            events,
+        } = self;
+        if !events.is_empty() {
+            let first = session.last_position + 1;
+            let last = session.last_position + events.len() as i64;
+            session::Entity::update_many()
+                .col_expr(session::Column::LastPosition, Expr::value(last))
+                .filter(session::Column::Id.eq(session.id))
+                .exec(&txn)
+                .await?;
+            insert_outbox(&txn, session.id, first, now, &events).await?;
+        }
+        txn.commit().await?;
+        if !events.is_empty() {
+            domain.inner.relay_wake.notify_one();
+        }
+        Ok(())
+    }
+}
+
+/// Writes `events` to the outbox at positions `first..`.
+pub(crate) async fn insert_outbox(
+    txn: &DatabaseTransaction,
+    session_id: Uuid,
+    first: i64,
+    at: Timestamp,
+    events: &[DomainEvent],
+) -> DomainResult<()> {
+    let mut rows = Vec::with_capacity(events.len());
+    for (position, event) in (first..).zip(events) {
+        rows.push(outbox::ActiveModel {
+            session_id: Set(session_id),
+            position: Set(position),
+            event_type: Set(event.event_type().to_owned()),
+            payload: Set(serde_json::to_string(event)?),
+            occurred_at: Set(at.datetime()),
+            published_at: Set(None),
+        });
+    }
+    outbox::Entity::insert_many(rows).exec(txn).await?;
+    Ok(())
+}

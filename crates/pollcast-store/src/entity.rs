@@ -1,0 +1,9 @@
+//! sea-orm entities, one table per module.
+
+pub mod idempotency_key;
+pub mod outbox;
+pub mod participant;
+pub mod poll;
+pub mod session;
+pub mod vote;
+pub mod vote_choice;

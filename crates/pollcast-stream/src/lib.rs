@@ -1,0 +1,129 @@
+//! The event stream: the one interface between the writers of a session's events
+//! (the outbox relay) and their readers (edges, replay).
+//!
+//! A session's stream is a log of [`SessionEvent`]s at consecutive positions starting
+//! wherever the session's first event was published. Writers publish each position
+//! exactly once and in order; the stream refuses gaps and ignores repeats, which is
+//! what makes the relay's at-least-once publishing exactly-once in the log.
+//!
+//! Engines: [`embedded::EmbeddedStream`] (in-process, the default). Every engine must
+//! pass the [`conformance`] suite.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pollcast_protocol::SessionEvent;
+use uuid::Uuid;
+
+pub mod conformance;
+pub mod embedded;
+
+pub use embedded::EmbeddedStream;
+
+/// What publishing did with an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Published {
+    /// Appended at its position.
+    Appended,
+    /// The position was already in the log; nothing changed.
+    Duplicate,
+}
+
+/// Events read from a session's log.
+#[derive(Clone, Debug, Default)]
+pub struct ReadBatch {
+    /// Events after the requested position, in order, at most the requested number.
+    pub events: Vec<Arc<SessionEvent>>,
+    /// True when the log no longer holds (or never held) the event right after the
+    /// requested position: the reader cannot be brought up to date from the log.
+    pub truncated: bool,
+}
+
+/// How much history an engine keeps per session. The contract asks for at least
+/// 24 hours or 100 000 events, whichever is less.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Most events kept per session; older ones are dropped first.
+    pub max_events: usize,
+    /// Events older than this are dropped.
+    pub max_age: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            max_events: 100_000,
+            max_age: Duration::from_secs(24 * 60 * 60),
+        }
+    }
+}
+
+/// Why a stream operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The position is not the next one of the session: an earlier event has not
+    /// been published yet. The publisher should publish the missing ones first.
+    #[error("session {session}: expected position {expected}, got {got}")]
+    OutOfOrder {
+        /// The session.
+        session: Uuid,
+        /// The position the log will accept next.
+        expected: u64,
+        /// The position offered.
+        got: u64,
+    },
+    /// Position 0 is never valid: positions start at 1.
+    #[error("position 0 is not a stream position")]
+    InvalidPosition,
+    /// A subscriber fell so far behind that live events were dropped for it; it
+    /// should catch up by reading from the log.
+    #[error("subscriber lagged; {skipped} events skipped")]
+    Lagged {
+        /// How many events it missed.
+        skipped: u64,
+    },
+    /// The subscription ended (the engine shut down).
+    #[error("subscription closed")]
+    Closed,
+    /// The engine cannot be reached.
+    #[error("event stream unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Live events of one session, from the moment of subscribing on.
+#[async_trait]
+pub trait LiveEvents: Send {
+    /// The next live event. [`StreamError::Lagged`] means some were skipped.
+    async fn next(&mut self) -> Result<Arc<SessionEvent>, StreamError>;
+}
+
+/// A subscription to one session's live events.
+pub type Subscription = Box<dyn LiveEvents>;
+
+/// The event stream, whichever engine runs it.
+#[async_trait]
+pub trait EventStream: Send + Sync + 'static {
+    /// Appends `event` at `event.position` of its session's log.
+    ///
+    /// Accepts the next position (or any position for a session the log has never
+    /// seen), ignores a position already present, refuses a gap.
+    async fn publish(&self, event: SessionEvent) -> Result<Published, StreamError>;
+
+    /// Reads up to `limit` events after position `after` (0 = from the beginning).
+    async fn read_after(
+        &self,
+        session: Uuid,
+        after: u64,
+        limit: usize,
+    ) -> Result<ReadBatch, StreamError>;
+
+    /// The newest position of the session, `None` before its first event.
+    async fn newest(&self, session: Uuid) -> Result<Option<u64>, StreamError>;
+
+    /// Subscribes to the session's events published from now on.
+    async fn subscribe(&self, session: Uuid) -> Result<Subscription, StreamError>;
+
+    /// Answers when the engine can serve requests (used by `/readyz`).
+    async fn ping(&self) -> Result<(), StreamError>;
+}

@@ -1,0 +1,77 @@
+//! The `pollcast` command: parses configuration, starts the server, waits for
+//! SIGINT/SIGTERM and shuts down gracefully.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use metrics_exporter_prometheus::PrometheusBuilder;
+use pollcast::config::{Command, Config, ServeArgs, StoreArgs};
+use pollcast::{Server, Settings};
+use pollcast_stream::EmbeddedStream;
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("POLLCAST_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    match Config::parse().command {
+        Command::Serve(args) => serve(args).await,
+        Command::Migrate(args) => migrate(args).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let metrics = PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let settings = Settings {
+        database_url: args.store.database_url()?,
+        db_max_connections: args.store.db_max_connections,
+        secret: args.secret()?,
+        domain: args.domain_config(),
+        metrics: Some(metrics),
+    };
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let stream = Arc::new(EmbeddedStream::default());
+    let server = Server::start(listener, settings, stream).await?;
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    server.shutdown().await
+}
+
+async fn migrate(args: StoreArgs) -> anyhow::Result<()> {
+    pollcast_store::connect(&args.database_url()?, 1)
+        .await
+        .context("migrating the database")?;
+    tracing::info!("migrations applied");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot listen for SIGTERM");
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

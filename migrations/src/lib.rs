@@ -1,0 +1,17 @@
+//! Schema migrations of the pollcast store, applied at start-up and by
+//! `pollcast migrate`. Each migration is one file named after the date it was
+//! written; never edit a migration that has shipped, add a new one.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261126_000001_initial;
+
+/// Runs pollcast's migrations in order.
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261126_000001_initial::Migration)]
+    }
+}
