@@ -1,1 +1,36 @@
-//! placeholder
+//! Harness for pollcast's end-to-end tests: a real PostgreSQL cluster started by the
+//! tests themselves, servers started in-process on `127.0.0.1:0` against SQLite or
+//! PostgreSQL, an HTTP client speaking the contract, and a stream wrapper that can
+//! be switched off to simulate an outage.
+
+pub mod client;
+pub mod postgres;
+pub mod server;
+pub mod stream;
+
+pub use client::{Api, Reply};
+pub use server::{Backend, TestServer};
+
+/// Generates one `#[tokio::test]` per backend for each scenario
+/// `async fn name(backend: Backend)` in scope: `sqlite::name` and `postgres::name`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),+ $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::Backend::Sqlite).await;
+                }
+            )+
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::Backend::Postgres).await;
+                }
+            )+
+        }
+    };
+}

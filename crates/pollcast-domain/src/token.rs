@@ -114,6 +114,35 @@ impl TokenKeys {
     }
 }
 
+/// Who may do what, checked against a verified token.
+impl Claims {
+    /// Any token of `session_id`.
+    pub fn require_session(&self, session_id: Uuid) -> DomainResult<()> {
+        if self.session_id == session_id {
+            Ok(())
+        } else {
+            Err(DomainError::Forbidden("token belongs to another session"))
+        }
+    }
+
+    /// The presenter token of `session_id`.
+    pub fn require_presenter(&self, session_id: Uuid) -> DomainResult<()> {
+        self.require_session(session_id)?;
+        if self.role == Role::Presenter {
+            Ok(())
+        } else {
+            Err(DomainError::Forbidden("only the presenter may do this"))
+        }
+    }
+
+    /// A participant token of `session_id`; returns the participant.
+    pub fn require_participant(&self, session_id: Uuid) -> DomainResult<Uuid> {
+        self.require_session(session_id)?;
+        self.participant_id
+            .ok_or(DomainError::Forbidden("only participants may do this"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,34 +214,5 @@ mod tests {
         ] {
             assert!(keys().verify(junk).is_err(), "{junk:?}");
         }
-    }
-}
-
-/// Who may do what, checked against a verified token.
-impl Claims {
-    /// Any token of `session_id`.
-    pub fn require_session(&self, session_id: Uuid) -> DomainResult<()> {
-        if self.session_id == session_id {
-            Ok(())
-        } else {
-            Err(DomainError::Forbidden("token belongs to another session"))
-        }
-    }
-
-    /// The presenter token of `session_id`.
-    pub fn require_presenter(&self, session_id: Uuid) -> DomainResult<()> {
-        self.require_session(session_id)?;
-        if self.role == Role::Presenter {
-            Ok(())
-        } else {
-            Err(DomainError::Forbidden("only the presenter may do this"))
-        }
-    }
-
-    /// A participant token of `session_id`; returns the participant.
-    pub fn require_participant(&self, session_id: Uuid) -> DomainResult<Uuid> {
-        self.require_session(session_id)?;
-        self.participant_id
-            .ok_or(DomainError::Forbidden("only participants may do this"))
     }
 }

@@ -32,7 +32,7 @@ impl SessionTx {
         let locked = session::Entity::update_many()
             .col_expr(
                 session::Column::LastPosition,
-                Expr::col(session::Column::LastPosition).into(),
+                Expr::col(session::Column::LastPosition),
             )
             .filter(session::Column::Id.eq(session_id))
             .exec(&txn)

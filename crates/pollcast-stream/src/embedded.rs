@@ -103,7 +103,7 @@ impl EventStream for EmbeddedStream {
         let retention = self.retention;
         let mut state = self.state();
         state.publishes += 1;
-        if state.publishes % SWEEP_EVERY == 0 {
+        if state.publishes.is_multiple_of(SWEEP_EVERY) {
             let cutoff = now.unix_millis()
                 - i64::try_from(retention.max_age.as_millis()).unwrap_or(i64::MAX);
             state.sessions.retain(|_, log| {
@@ -215,8 +215,6 @@ impl LiveEvents for EmbeddedSubscription {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     crate::stream_conformance_tests!(|retention| async move {
         std::sync::Arc::new(crate::EmbeddedStream::new(retention))
     });

@@ -1,0 +1,324 @@
+//! Voting rules, rejections, idempotency and results.
+
+use pollcast_protocol::{Audience, DomainEvent};
+use pollcast_tests::client::{Presenter, id_of, option_id};
+use pollcast_tests::{Api, Backend, TestServer};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+async fn multiple_poll(api: &Api, p: &Presenter, max_choices: u32) -> Value {
+    let poll = api
+        .create_poll(
+            p,
+            json!({ "question": "Which?", "options": ["A", "B", "C", "D"], "kind": "multiple", "maxChoices": max_choices }),
+        )
+        .await;
+    api.post(
+        &format!("/api/polls/{}/activate", id_of(&poll)),
+        Some(&p.token),
+        json!({}),
+    )
+    .await
+    .expect(200)
+}
+
+async fn results(api: &Api, poll_id: &str, token: &str) -> Value {
+    api.get(&format!("/api/polls/{poll_id}/results"), Some(token))
+        .await
+        .expect(200)
+}
+
+async fn accepted_vote_answers_201_and_counts(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    let p = t.api.started_session().await;
+    let j = t.api.join(&p.code, "Ada").await;
+    let poll = t.api.active_poll(&p).await;
+    let (poll_id, b) = (id_of(&poll), option_id(&poll, 1));
+    let body = t.api.vote(&poll_id, &j.token, &[&b]).await.expect(201);
+    let vote = &body["vote"];
+    assert_eq!(vote["pollId"], poll_id.as_str());
+    assert_eq!(vote["participantId"], j.id.as_str());
+    assert_eq!(vote["optionIds"], json!([b]));
+    assert!(vote["id"].is_string() && vote["createdAt"].is_string());
+    let r = results(&t.api, &poll_id, &j.token).await;
+    assert_eq!(r["pollId"], poll_id.as_str());
+    assert_eq!(r["totalVotes"], 1);
+    assert_eq!(r["final"], false);
+    let counts: Vec<(String, u64)> = r["options"]
+        .as_array()
+        .expect("options")
+        .iter()
+        .map(|o| {
+            (
+                id_of(&json!({"id": o["optionId"]})),
+                o["votes"].as_u64().expect("votes"),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, u64)> = (0..3)
+        .map(|i| (option_id(&poll, i), u64::from(i == 1)))
+        .collect();
+    assert_eq!(counts, expected, "counts in the poll's option order");
+}
+
+async fn second_vote_on_same_poll_is_rejected_with_already_voted(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    let p = t.api.started_session().await;
+    let j = t.api.join(&p.code, "Ada").await;
+    let poll = t.api.active_poll(&p).await;
+    let poll_id = id_of(&poll);
+    t.api
+        .vote(&poll_id, &j.token, &[&option_id(&poll, 0)])
+        .await
+        .expect(201);
+    t.api
+        .vote(&poll_id, &j.token, &[&option_id(&poll, 1)])
+        .await
+        .expect_error(409, "already_voted");
+    let r = results(&t.api, &poll_id, &p.token).await;
+    assert_eq!(r["totalVotes"], 1);
+    assert_eq!(
+        r["options"][1]["votes"], 0,
+        "the rejected vote changed nothing"
+    );
+}
+
+async fn rejected_vote_sends_vote_rejected_to_the_submitter_alone(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    let p = t.api.started_session().await;
+    let j = t.api.join(&p.code, "Ada").await;
+    let poll = t.api.active_poll(&p).await;
+    let poll_id = id_of(&poll);
+    t.api
+        .vote(&poll_id, &j.token, &[&Uuid::now_v7().to_string()])
+        .await
+        .expect_error(422, "invalid_option");
+    let session: Uuid = p.session_id.parse().expect("uuid");
+    // created, joined, started, poll created, poll activated, vote rejected
+    let events = t.events(session, 6).await;
+    let last = &events[5].event;
+    match last {
+        DomainEvent::VoteRejected {
+            poll_id: pid,
+            participant_id,
+            reason,
+            message,
+        } => {
+            assert_eq!(pid.to_string(), poll_id);
+            assert_eq!(participant_id.to_string(), j.id);
+            assert_eq!(reason, "invalid_option");
+            assert!(!message.is_empty());
+        }
+        other => panic!("expected vote:rejected, got {other:?}"),
+    }
+    let participant: Uuid = j.id.parse().expect("uuid");
+    assert_eq!(last.audience(), Audience::Participant(participant));
+    assert!(!last.audience().includes(true, None), "not even presenters");
+}
+
+async fn vote_on_draft_or_closed_poll_is_poll_not_active(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    let p = t.api.started_session().await;
+    let j = t.api.join(&p.code, "Ada").await;
+    let draft = t
+        .api
+        .create_poll(&p, json!({ "question": "Q?", "options": ["A", "B"] }))
+        .await;
+    t.api
+        .vote(&id_of(&draft), &j.token, &[&option_id(&draft, 0)])
+        .await
+        .expect_error(409, "poll_not_active");
+    let active = t.api.active_poll(&p).await;
+    t.api
+        .post(
+            &format!("/api/polls/{}/close", id_of(&active)),
+            Some(&p.token),
+            json!({}),
+        )
+        .await
+        .expect(200);
+    t.api
+        .vote(&id_of(&active), &j.token, &[&option_id(&active, 0)])
+        .await
+        .expect_error(409, "poll_not_active");
+}
+
+async fn vote_for_an_option_not_in_the_poll_is_invalid_option(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    let p = t.api.started_session().await;
+    let j = t.api.join(&p.code, "Ada").await;
+    let earlier = t.api.active_poll(&p).await;
+    let current = t.api.active_poll(&p).await;
+    for bad in [
+        Uuid::now_v7().to_string(),
+        "garbage".into(),
+        option_id(&earlier, 0),
+    ] {
+        t.api
+            .vote(&id_of(&current), &j.token, &[&bad])
+            .await
+            .expect_error(422, "invalid_option");
+    }
+}
+
+async fn single_choice_takes_exactly_one_option(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    let p = t.api.started_session().await;
+    let j = t.api.join(&p.code, "Ada").await;
+    let poll = t.api.active_poll(&p).await;
+    let poll_id = id_of(&poll);
+    t.api
+        .vote(
+            &poll_id,
+            &j.token,
+            &[&option_id(&poll, 0), &option_id(&poll, 1)],
+        )
+        .await
+        .expect_error(422, "too_many_choices");
+    t.api
+        .vote(&poll_id, &j.token, &[])
+        .await
+        .expect_error(422, "validation_failed");
+    t.api
+        .vote(&poll_id, &j.token, &[&option_id(&poll, 2)])
+        .await
+        .expect(201);
+}
+
+async fn multiple_choice_takes_1_to_max_choices_distinct_options(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    let p = t.api.started_session().await;
+    let poll = multiple_poll(&t.api, &p, 2).await;
+    let poll_id = id_of(&poll);
+    let (a, b, c) = (
+        option_id(&poll, 0),
+        option_id(&poll, 1),
+        option_id(&poll, 2),
+    );
+    let ada = t.api.join(&p.code, "Ada").await;
+    t.api
+        .vote(&poll_id, &ada.token, &[&a, &b, &c])
+        .await
+        .expect_error(422, "too_many_choices");
+    t.api
+        .vote(&poll_id, &ada.token, &[&a, &a])
+        .await
+        .expect_error(422, "validation_failed");
+    t.api
+        .vote(&poll_id, &ada.token, &[&a, &b])
+        .await
+        .expect(201);
+    let bob = t.api.join(&p.code, "Bob").await;
+    t.api.vote(&poll_id, &bob.token, &[&b]).await.expect(201);
+    let r = results(&t.api, &poll_id, &p.token).await;
+    assert_eq!(r["totalVotes"], 2, "votes, not options chosen");
+    let counts: Vec<u64> = r["options"]
+        .as_array()
+        .expect("options")
+        .iter()
+        .filter_map(|o| o["votes"].as_u64())
+        .collect();
+    assert_eq!(counts, vec![1, 2, 0, 0]);
+}
+
+async fn presenter_cannot_vote(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    let p = t.api.started_session().await;
+    let poll = t.api.active_poll(&p).await;
+    t.api
+        .vote(&id_of(&poll), &p.token, &[&option_id(&poll, 0)])
+        .await
+        .expect_error(403, "forbidden");
+}
+
+async fn repeated_idempotency_key_returns_the_first_answer_and_casts_once(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    let p = t.api.started_session().await;
+    let j = t.api.join(&p.code, "Ada").await;
+    let poll = t.api.active_poll(&p).await;
+    let poll_id = id_of(&poll);
+    let path = format!("/api/polls/{poll_id}/votes");
+    let send = |option: String| {
+        let api = t.api.clone();
+        let (path, token) = (path.clone(), j.token.clone());
+        async move {
+            api.send(
+                reqwest::Method::POST,
+                &path,
+                Some(&token),
+                Some(json!({ "optionIds": [option] })),
+                &[("Idempotency-Key", "retry-1")],
+            )
+            .await
+        }
+    };
+    let first = send(option_id(&poll, 0)).await.expect(201);
+    let again = send(option_id(&poll, 0)).await.expect(201);
+    assert_eq!(first, again, "the same answer, byte for byte");
+    let r = results(&t.api, &poll_id, &p.token).await;
+    assert_eq!(r["totalVotes"], 1);
+}
+
+async fn idempotency_key_replays_a_rejection_too(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    let p = t.api.started_session().await;
+    let j = t.api.join(&p.code, "Ada").await;
+    let poll = t.api.active_poll(&p).await;
+    let path = format!("/api/polls/{}/votes", id_of(&poll));
+    let headers = [("Idempotency-Key", "k-2")];
+    let send = |option: String| {
+        t.api.send(
+            reqwest::Method::POST,
+            &path,
+            Some(&j.token),
+            Some(json!({ "optionIds": [option] })),
+            &headers,
+        )
+    };
+    send("not-an-option".into())
+        .await
+        .expect_error(422, "invalid_option");
+    // Same key, now a valid body: still the first answer, and nothing is cast.
+    send(option_id(&poll, 0))
+        .await
+        .expect_error(422, "invalid_option");
+    let r = results(&t.api, &id_of(&poll), &p.token).await;
+    assert_eq!(r["totalVotes"], 0);
+}
+
+async fn results_are_final_once_the_poll_closes(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    let p = t.api.started_session().await;
+    let j = t.api.join(&p.code, "Ada").await;
+    let poll = t.api.active_poll(&p).await;
+    let poll_id = id_of(&poll);
+    t.api
+        .vote(&poll_id, &j.token, &[&option_id(&poll, 2)])
+        .await
+        .expect(201);
+    t.api
+        .post(
+            &format!("/api/polls/{poll_id}/close"),
+            Some(&p.token),
+            json!({}),
+        )
+        .await
+        .expect(200);
+    let r = results(&t.api, &poll_id, &j.token).await;
+    assert_eq!(r["final"], true);
+    assert_eq!(r["options"][2]["votes"], 1);
+}
+
+pollcast_tests::on_both_backends!(
+    accepted_vote_answers_201_and_counts,
+    second_vote_on_same_poll_is_rejected_with_already_voted,
+    rejected_vote_sends_vote_rejected_to_the_submitter_alone,
+    vote_on_draft_or_closed_poll_is_poll_not_active,
+    vote_for_an_option_not_in_the_poll_is_invalid_option,
+    single_choice_takes_exactly_one_option,
+    multiple_choice_takes_1_to_max_choices_distinct_options,
+    presenter_cannot_vote,
+    repeated_idempotency_key_returns_the_first_answer_and_casts_once,
+    idempotency_key_replays_a_rejection_too,
+    results_are_final_once_the_poll_closes,
+);

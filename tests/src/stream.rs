@@ -1,0 +1,71 @@
+//! An event stream that can be switched off, to simulate an outage of the stream
+//! between commit and publish. It wraps the real embedded engine; while off, every
+//! call fails the way an unreachable engine does.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+use pollcast_protocol::SessionEvent;
+use pollcast_stream::{
+    EmbeddedStream, EventStream, Published, ReadBatch, StreamError, Subscription,
+};
+use uuid::Uuid;
+
+/// An embedded stream with an on/off switch.
+#[derive(Default)]
+pub struct SwitchableStream {
+    inner: EmbeddedStream,
+    down: AtomicBool,
+}
+
+impl SwitchableStream {
+    /// A stream that starts switched off.
+    pub fn down() -> Arc<Self> {
+        let stream = Self::default();
+        stream.down.store(true, Ordering::SeqCst);
+        Arc::new(stream)
+    }
+
+    /// Switches the stream on or off.
+    pub fn set_up(&self, up: bool) {
+        self.down.store(!up, Ordering::SeqCst);
+    }
+
+    fn check(&self) -> Result<(), StreamError> {
+        if self.down.load(Ordering::SeqCst) {
+            Err(StreamError::Unavailable("switched off by the test".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl EventStream for SwitchableStream {
+    async fn publish(&self, event: SessionEvent) -> Result<Published, StreamError> {
+        self.check()?;
+        self.inner.publish(event).await
+    }
+
+    async fn read_after(
+        &self,
+        session: Uuid,
+        after: u64,
+        limit: usize,
+    ) -> Result<ReadBatch, StreamError> {
+        self.inner.read_after(session, after, limit).await
+    }
+
+    async fn newest(&self, session: Uuid) -> Result<Option<u64>, StreamError> {
+        self.inner.newest(session).await
+    }
+
+    async fn subscribe(&self, session: Uuid) -> Result<Subscription, StreamError> {
+        self.inner.subscribe(session).await
+    }
+
+    async fn ping(&self) -> Result<(), StreamError> {
+        self.check()
+    }
+}
