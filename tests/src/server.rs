@@ -42,6 +42,8 @@ pub struct Options {
     pub stream: Arc<dyn EventStream>,
     /// Domain settings.
     pub domain: DomainConfig,
+    /// WebSocket edge settings.
+    pub edge: pollcast_edge::EdgeConfig,
 }
 
 impl Default for Options {
@@ -49,6 +51,7 @@ impl Default for Options {
         Self {
             stream: Arc::new(EmbeddedStream::default()),
             domain: DomainConfig::default(),
+            edge: pollcast_edge::EdgeConfig::default(),
         }
     }
 }
@@ -93,6 +96,8 @@ impl TestServer {
             secret: SECRET.to_vec(),
             domain: options.domain,
             metrics: None,
+            edge: options.edge,
+            restore_history: true,
         };
         let server = Server::start(listener, settings, options.stream)
             .await

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
-use pollcast_protocol::SessionEvent;
+use pollcast_protocol::{PresenceSignal, SessionEvent};
 use pollcast_stream::{
-    EmbeddedStream, EventStream, Published, ReadBatch, StreamError, Subscription,
+    EmbeddedStream, EventStream, PresenceFeed, Published, ReadBatch, StreamError, Subscription,
 };
 use uuid::Uuid;
 
@@ -67,5 +67,14 @@ impl EventStream for SwitchableStream {
 
     async fn ping(&self) -> Result<(), StreamError> {
         self.check()
+    }
+
+    async fn report_presence(&self, signal: PresenceSignal) -> Result<(), StreamError> {
+        self.check()?;
+        self.inner.report_presence(signal).await
+    }
+
+    async fn presence(&self) -> Result<PresenceFeed, StreamError> {
+        self.inner.presence().await
     }
 }

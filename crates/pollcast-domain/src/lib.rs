@@ -15,24 +15,26 @@ use pollcast_stream::EventStream;
 use sea_orm::DatabaseConnection;
 use tokio::sync::Notify;
 
+mod access;
 pub mod code;
 mod convert;
 pub mod error;
 mod participants;
 mod polls;
+pub mod presence;
 pub mod relay;
 mod results;
 mod sessions;
-pub mod token;
 mod tx;
 pub mod validate;
 mod votes;
 
+pub use access::Access;
 pub use error::{DomainError, DomainResult, VoteRejection};
 pub use participants::Joined;
+pub use pollcast_protocol::token::{Claims, TokenError, TokenKeys};
 pub use polls::{NewPoll, NewPollOption};
 pub use sessions::CreatedSession;
-pub use token::{Claims, TokenKeys};
 pub use votes::VoteRequest;
 
 /// Settings of the domain services.
@@ -46,6 +48,8 @@ pub struct DomainConfig {
     pub results_interval: Duration,
     /// When set, creating a session requires this bearer key.
     pub admin_key: Option<String>,
+    /// How often heartbeat answers are written to `lastSeenAt` (in one batch).
+    pub presence_flush: Duration,
 }
 
 impl Default for DomainConfig {
@@ -54,6 +58,7 @@ impl Default for DomainConfig {
             token_lifetime: Duration::from_secs(24 * 60 * 60),
             results_interval: Duration::from_millis(50),
             admin_key: None,
+            presence_flush: Duration::from_secs(1),
         }
     }
 }
@@ -108,7 +113,10 @@ impl Domain {
 
     /// Verifies a bearer token.
     pub fn verify_token(&self, token: &str) -> DomainResult<Claims> {
-        self.inner.keys.verify(token)
+        self.inner.keys.verify(token).map_err(|err| match err {
+            TokenError::Invalid => DomainError::Unauthorized("invalid token"),
+            TokenError::Expired => DomainError::Unauthorized("token expired"),
+        })
     }
 
     /// The token keys (an edge in the same process verifies with them).

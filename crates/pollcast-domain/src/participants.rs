@@ -8,7 +8,7 @@ use sea_orm::{
 use uuid::Uuid;
 
 use crate::tx::SessionTx;
-use crate::{Claims, Domain, DomainError, DomainResult, code, convert, validate};
+use crate::{Access, Claims, Domain, DomainError, DomainResult, code, convert, validate};
 
 /// A participant who just joined, their token and the session joined.
 #[derive(Clone, Debug)]

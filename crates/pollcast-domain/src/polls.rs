@@ -10,7 +10,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::tx::SessionTx;
-use crate::{Claims, Domain, DomainError, DomainResult, convert, validate};
+use crate::{Access, Claims, Domain, DomainError, DomainResult, convert, validate};
 
 /// A poll as the presenter asks for it.
 #[derive(Clone, Debug, Deserialize)]

@@ -15,7 +15,10 @@ use pollcast_protocol::{DomainEvent, SessionEvent, Timestamp};
 use pollcast_store::outbox;
 use pollcast_stream::{EventStream, StreamError};
 use sea_orm::sea_query::Expr;
-use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use sea_orm::{
+    ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect,
+};
 use tokio::sync::{Notify, watch};
 use uuid::Uuid;
 
@@ -73,6 +76,35 @@ impl Relay {
         if let Err(err) = self.publish_pending().await {
             tracing::warn!(error = %err, "events left pending at shutdown");
         }
+    }
+
+    /// Publishes the already published events of the last `window` again, oldest
+    /// first, into an engine whose log did not survive the restart (the embedded
+    /// one), so replays and session checks work across restarts. Call it before
+    /// [`Relay::run`]. Returns how many events it restored.
+    pub async fn restore_history(&self, window: Duration) -> DomainResult<usize> {
+        let since = chrono::Utc::now()
+            - chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
+        let mut pages = outbox::Entity::find()
+            .filter(outbox::Column::PublishedAt.is_not_null())
+            .filter(outbox::Column::OccurredAt.gte(since))
+            .order_by_asc(outbox::Column::SessionId)
+            .order_by_asc(outbox::Column::Position)
+            .paginate(&self.db, BATCH);
+        let mut restored = 0;
+        while let Some(rows) = pages.fetch_and_next().await? {
+            for row in rows {
+                let event = decode(&row)?;
+                match self.stream.publish(event).await {
+                    Ok(_) => restored += 1,
+                    // A gap in the window (an event older than it, published later)
+                    // only shortens that session's history.
+                    Err(StreamError::OutOfOrder { .. }) => {}
+                    Err(err) => return Err(DomainError::Internal(format!("event stream: {err}"))),
+                }
+            }
+        }
+        Ok(restored)
     }
 
     /// Publishes every pending event it can; returns how many it published.

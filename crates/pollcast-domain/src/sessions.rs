@@ -6,7 +6,7 @@ use sea_orm::{ActiveModelTrait, ActiveValue::Set, EntityTrait, TransactionTrait}
 use uuid::Uuid;
 
 use crate::tx::{SessionTx, insert_outbox};
-use crate::{Claims, Domain, DomainError, DomainResult, code, convert, validate};
+use crate::{Access, Claims, Domain, DomainError, DomainResult, code, convert, validate};
 
 /// How many fresh codes to try before giving up; with 887 million codes a clash is
 /// already rare, eight in a row means something else is wrong.

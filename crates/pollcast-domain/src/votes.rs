@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::tx::SessionTx;
-use crate::{Claims, Domain, DomainError, DomainResult, VoteRejection, convert};
+use crate::{Access, Claims, Domain, DomainError, DomainResult, VoteRejection, convert};
 
 /// Longest `Idempotency-Key` kept.
 pub const MAX_IDEMPOTENCY_KEY: usize = 255;

@@ -4,14 +4,17 @@
 //! client written in Rust) can depend on it.
 
 pub mod codec;
+pub mod connection;
 pub mod envelope;
 pub mod error;
 pub mod event;
 pub mod event_id;
 pub mod resources;
 pub mod time;
+pub mod token;
 
 pub use codec::{CodecError, WireFormat};
+pub use connection::{ClientFrame, ConnectionEvent, PresenceKind, PresenceSignal};
 pub use envelope::Envelope;
 pub use error::{ErrorBody, ErrorDetail};
 pub use event::{Audience, DomainEvent, SessionEvent};

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use pollcast_protocol::{DomainEvent, SessionEvent, Timestamp};
+use pollcast_protocol::{DomainEvent, PresenceKind, PresenceSignal, SessionEvent, Timestamp};
 use uuid::Uuid;
 
 use crate::{EventStream, Published, Retention, StreamError};
@@ -29,6 +29,7 @@ macro_rules! stream_conformance_tests {
             subscribers_see_live_events_in_order,
             trimmed_history_is_reported_as_truncated,
             position_beyond_newest_is_reported_as_truncated,
+            presence_signals_reach_subscribers_in_order,
         );
     };
     (@tests $factory:expr; $($name:ident),+ $(,)?) => {
@@ -249,4 +250,35 @@ check!(
     publish_range(&*stream, session, 1..=2).await;
     assert!(stream.read_after(session, 9, 10).await.expect("read").truncated);
     assert!(stream.read_after(Uuid::now_v7(), 9, 10).await.expect("read").truncated);
+});
+
+check!(
+    /// Presence signals reported by edges reach every presence subscriber, in the
+    /// order they were reported.
+    presence_signals_reach_subscribers_in_order, |stream| {
+    let mut feed = stream.presence().await.expect("presence feed");
+    let session = Uuid::now_v7();
+    let sent: Vec<PresenceSignal> = [PresenceKind::Connected, PresenceKind::Seen, PresenceKind::Disconnected]
+        .into_iter()
+        .map(|kind| PresenceSignal {
+            session_id: session,
+            participant_id: Uuid::now_v7(),
+            connection_id: Uuid::now_v7(),
+            kind,
+            at: Timestamp::now(),
+        })
+        .collect();
+    for signal in &sent {
+        stream.report_presence(*signal).await.expect("report");
+    }
+    let mut got = Vec::new();
+    while got.len() < sent.len() {
+        let next = tokio::time::timeout(WAIT, feed.next()).await.expect("signal in time");
+        let signal = next.expect("signal");
+        // A shared engine may carry other checks' signals too.
+        if signal.session_id == session {
+            got.push(signal);
+        }
+    }
+    assert_eq!(got, sent);
 });

@@ -9,16 +9,21 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
-use pollcast_protocol::{SessionEvent, Timestamp};
+use pollcast_protocol::{PresenceSignal, SessionEvent, Timestamp};
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
-use crate::{EventStream, LiveEvents, Published, ReadBatch, Retention, StreamError, Subscription};
+use crate::{
+    EventStream, LiveEvents, PresenceFeed, PresenceSignals, Published, ReadBatch, Retention,
+    StreamError, Subscription,
+};
 
 /// Live events buffered per subscriber before it counts as lagging.
 const LIVE_BUFFER: usize = 4096;
 /// Publishes between sweeps for sessions idle longer than the retention age.
 const SWEEP_EVERY: u64 = 4096;
+/// Presence signals buffered per consumer; a heartbeat round of a large room fits.
+const PRESENCE_BUFFER: usize = 1 << 16;
 
 /// In-process event stream.
 pub struct EmbeddedStream {
@@ -26,6 +31,8 @@ pub struct EmbeddedStream {
     /// One log per session; a plain mutex because every critical section is a few
     /// pointer moves and never awaits.
     state: Mutex<State>,
+    /// Presence signals from edges to the domain.
+    presence: broadcast::Sender<PresenceSignal>,
 }
 
 #[derive(Default)]
@@ -77,6 +84,7 @@ impl EmbeddedStream {
         Self {
             retention,
             state: Mutex::new(State::default()),
+            presence: broadcast::channel(PRESENCE_BUFFER).0,
         }
     }
 
@@ -193,6 +201,35 @@ impl EventStream for EmbeddedStream {
 
     async fn ping(&self) -> Result<(), StreamError> {
         Ok(())
+    }
+
+    async fn report_presence(&self, signal: PresenceSignal) -> Result<(), StreamError> {
+        // Nobody listening (no domain in this process) is not the reporter's problem.
+        let _ = self.presence.send(signal);
+        Ok(())
+    }
+
+    async fn presence(&self) -> Result<PresenceFeed, StreamError> {
+        Ok(Box::new(EmbeddedPresence {
+            receiver: self.presence.subscribe(),
+        }))
+    }
+}
+
+struct EmbeddedPresence {
+    receiver: broadcast::Receiver<PresenceSignal>,
+}
+
+#[async_trait]
+impl PresenceSignals for EmbeddedPresence {
+    async fn next(&mut self) -> Result<PresenceSignal, StreamError> {
+        match self.receiver.recv().await {
+            Ok(signal) => Ok(signal),
+            Err(broadcast::error::RecvError::Lagged(skipped)) => {
+                Err(StreamError::Lagged { skipped })
+            }
+            Err(broadcast::error::RecvError::Closed) => Err(StreamError::Closed),
+        }
     }
 }
 

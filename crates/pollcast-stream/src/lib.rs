@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pollcast_protocol::SessionEvent;
+use pollcast_protocol::{PresenceSignal, SessionEvent};
 use uuid::Uuid;
 
 pub mod conformance;
@@ -101,6 +101,16 @@ pub trait LiveEvents: Send {
 /// A subscription to one session's live events.
 pub type Subscription = Box<dyn LiveEvents>;
 
+/// Presence signals from every edge, from the moment of subscribing on.
+#[async_trait]
+pub trait PresenceSignals: Send {
+    /// The next signal. [`StreamError::Lagged`] means some were skipped.
+    async fn next(&mut self) -> Result<PresenceSignal, StreamError>;
+}
+
+/// A subscription to presence signals.
+pub type PresenceFeed = Box<dyn PresenceSignals>;
+
 /// The event stream, whichever engine runs it.
 #[async_trait]
 pub trait EventStream: Send + Sync + 'static {
@@ -126,4 +136,11 @@ pub trait EventStream: Send + Sync + 'static {
 
     /// Answers when the engine can serve requests (used by `/readyz`).
     async fn ping(&self) -> Result<(), StreamError>;
+
+    /// Reports a participant's connection coming, answering a heartbeat, or going.
+    /// Edges report; the domain consumes and turns them into state and events.
+    async fn report_presence(&self, signal: PresenceSignal) -> Result<(), StreamError>;
+
+    /// Subscribes to the presence signals of every edge.
+    async fn presence(&self) -> Result<PresenceFeed, StreamError>;
 }

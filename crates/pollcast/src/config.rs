@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use pollcast_domain::DomainConfig;
+use pollcast_edge::EdgeConfig;
 
 /// pollcast: the real-time backbone of live audience sessions.
 #[derive(Debug, Parser)]
@@ -65,6 +66,28 @@ pub struct ServeArgs {
     #[arg(long, env = "POLLCAST_RESULTS_INTERVAL_MS", default_value_t = 50,
           value_parser = clap::value_parser!(u64).range(1..=90))]
     pub results_interval_ms: u64,
+    /// How often heartbeat answers are written to `lastSeenAt`, in milliseconds.
+    #[arg(long, env = "POLLCAST_PRESENCE_FLUSH_MS", default_value_t = 1000)]
+    pub presence_flush_ms: u64,
+    /// Interval of `heartbeat:ping`, in milliseconds.
+    #[arg(long, env = "POLLCAST_HEARTBEAT_INTERVAL_MS", default_value_t = 30_000)]
+    pub heartbeat_interval_ms: u64,
+    /// Close (4408) after this long without `heartbeat:pong`, in milliseconds.
+    #[arg(long, env = "POLLCAST_HEARTBEAT_TIMEOUT_MS", default_value_t = 60_000)]
+    pub heartbeat_timeout_ms: u64,
+    /// Most WebSocket connections on this node (4429 beyond).
+    #[arg(long, env = "POLLCAST_MAX_CONNECTIONS", default_value_t = 50_000)]
+    pub max_connections: usize,
+    /// Most WebSocket connections per participant on this node (4429 beyond).
+    #[arg(
+        long,
+        env = "POLLCAST_MAX_CONNECTIONS_PER_PARTICIPANT",
+        default_value_t = 5
+    )]
+    pub max_connections_per_participant: usize,
+    /// Bytes queued for one connection before it is closed as a slow consumer (4500).
+    #[arg(long, env = "POLLCAST_SEND_QUEUE_BYTES", default_value_t = 1 << 20)]
+    pub send_queue_bytes: usize,
 }
 
 impl StoreArgs {
@@ -100,6 +123,19 @@ impl ServeArgs {
             token_lifetime: Duration::from_secs(self.token_ttl_secs),
             results_interval: Duration::from_millis(self.results_interval_ms),
             admin_key: self.admin_key.clone(),
+            presence_flush: Duration::from_millis(self.presence_flush_ms.max(1)),
+        }
+    }
+
+    /// WebSocket edge settings from the flags.
+    pub fn edge_config(&self) -> EdgeConfig {
+        EdgeConfig {
+            heartbeat_interval: Duration::from_millis(self.heartbeat_interval_ms.max(1)),
+            heartbeat_timeout: Duration::from_millis(self.heartbeat_timeout_ms.max(1)),
+            max_connections: self.max_connections,
+            max_connections_per_participant: self.max_connections_per_participant,
+            send_queue_bytes: self.send_queue_bytes,
+            ..EdgeConfig::default()
         }
     }
 }

@@ -9,7 +9,8 @@ use anyhow::Context;
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use pollcast_domain::{Domain, DomainConfig};
-use pollcast_stream::EventStream;
+use pollcast_edge::{Edge, EdgeConfig};
+use pollcast_stream::{EventStream, Retention};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -31,20 +32,28 @@ pub struct Settings {
     pub domain: DomainConfig,
     /// Where `/metrics` reads from; `None` serves no `/metrics` route.
     pub metrics: Option<PrometheusHandle>,
+    /// WebSocket edge settings.
+    pub edge: EdgeConfig,
+    /// Republish the retained history from the outbox at start-up: for an engine
+    /// whose log does not survive restarts (the embedded one).
+    pub restore_history: bool,
 }
 
 /// A running server.
 pub struct Server {
     addr: SocketAddr,
     domain: Domain,
+    edge: Edge,
     shutdown: watch::Sender<bool>,
     http: JoinHandle<std::io::Result<()>>,
     relay: JoinHandle<()>,
+    presence: JoinHandle<()>,
 }
 
 impl Server {
     /// Connects to the database (applying migrations), starts the outbox relay and
-    /// serves the API on `listener`.
+    /// the presence tracker, and serves the API and the WebSocket edge (`/ws`) on
+    /// `listener`.
     pub async fn start(
         listener: TcpListener,
         settings: Settings,
@@ -54,11 +63,21 @@ impl Server {
         let db = pollcast_store::connect(&settings.database_url, settings.db_max_connections)
             .await
             .context("connecting to the database")?;
-        let domain = Domain::new(db, stream, &settings.secret, settings.domain);
+        let domain = Domain::new(db, Arc::clone(&stream), &settings.secret, settings.domain);
+        let relay = domain.relay();
+        if settings.restore_history {
+            let restored = relay
+                .restore_history(Retention::default().max_age)
+                .await
+                .context("restoring the event history")?;
+            tracing::info!(restored, "event history restored from the outbox");
+        }
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let relay = tokio::spawn(domain.relay().run(shutdown_rx.clone()));
+        let relay = tokio::spawn(relay.run(shutdown_rx.clone()));
+        let presence = tokio::spawn(domain.presence_tracker().run(shutdown_rx.clone()));
+        let edge = Edge::new(settings.edge, stream, domain.token_keys().clone());
 
-        let mut router = pollcast_api::router(domain.clone());
+        let mut router = pollcast_api::router(domain.clone()).merge(edge.router());
         if let Some(handle) = settings.metrics {
             router = router.route("/metrics", get(move || std::future::ready(handle.render())));
         }
@@ -75,9 +94,11 @@ impl Server {
         Ok(Server {
             addr,
             domain,
+            edge,
             shutdown,
             http,
             relay,
+            presence,
         })
     }
 
@@ -91,15 +112,23 @@ impl Server {
         &self.domain
     }
 
-    /// Stops accepting requests, finishes those in flight, publishes pending events
-    /// and returns.
+    /// The WebSocket edge.
+    pub fn edge(&self) -> &Edge {
+        &self.edge
+    }
+
+    /// Closes WebSocket connections (1001, after flushing their queues), stops
+    /// accepting requests, finishes those in flight, publishes pending events and
+    /// returns.
     pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.edge.shutdown().await;
         let _ = self.shutdown.send(true);
         self.http
             .await
             .context("http task")?
             .context("http server")?;
         self.relay.await.context("relay task")?;
+        self.presence.await.context("presence task")?;
         Ok(())
     }
 }

@@ -35,6 +35,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         secret: args.secret()?,
         domain: args.domain_config(),
         metrics: Some(metrics),
+        edge: args.edge_config(),
+        restore_history: true,
     };
     let listener = TcpListener::bind(args.listen)
         .await

@@ -9,12 +9,22 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
-use pollcast_protocol::Role;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use uuid::Uuid;
 
-use crate::{DomainError, DomainResult};
+use crate::Role;
+
+/// Why a token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Malformed, forged, or inconsistent claims.
+    #[error("invalid token")]
+    Invalid,
+    /// Past its expiry.
+    #[error("token expired")]
+    Expired,
+}
 
 const PREFIX: &str = "v1.";
 /// Longest token accepted; bounds the work a forged token can cause.
@@ -85,8 +95,8 @@ impl TokenKeys {
     }
 
     /// Checks signature and expiry and returns the claims.
-    pub fn verify(&self, token: &str) -> DomainResult<Claims> {
-        const BAD: DomainError = DomainError::Unauthorized("invalid token");
+    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        const BAD: TokenError = TokenError::Invalid;
         if token.len() > MAX_TOKEN_LEN || !token.starts_with(PREFIX) {
             return Err(BAD);
         }
@@ -101,7 +111,7 @@ impl TokenKeys {
             .map_err(|_| BAD)?;
         let claims: Claims = serde_json::from_slice(&json).map_err(|_| BAD)?;
         if claims.expires_at <= chrono::Utc::now().timestamp() {
-            return Err(DomainError::Unauthorized("token expired"));
+            return Err(TokenError::Expired);
         }
         let consistent = match claims.role {
             Role::Presenter => claims.participant_id.is_none(),
@@ -111,35 +121,6 @@ impl TokenKeys {
             return Err(BAD);
         }
         Ok(claims)
-    }
-}
-
-/// Who may do what, checked against a verified token.
-impl Claims {
-    /// Any token of `session_id`.
-    pub fn require_session(&self, session_id: Uuid) -> DomainResult<()> {
-        if self.session_id == session_id {
-            Ok(())
-        } else {
-            Err(DomainError::Forbidden("token belongs to another session"))
-        }
-    }
-
-    /// The presenter token of `session_id`.
-    pub fn require_presenter(&self, session_id: Uuid) -> DomainResult<()> {
-        self.require_session(session_id)?;
-        if self.role == Role::Presenter {
-            Ok(())
-        } else {
-            Err(DomainError::Forbidden("only the presenter may do this"))
-        }
-    }
-
-    /// A participant token of `session_id`; returns the participant.
-    pub fn require_participant(&self, session_id: Uuid) -> DomainResult<Uuid> {
-        self.require_session(session_id)?;
-        self.participant_id
-            .ok_or(DomainError::Forbidden("only participants may do this"))
     }
 }
 
@@ -166,10 +147,7 @@ mod tests {
     fn token_signed_with_another_secret_is_refused() {
         let other = TokenKeys::new(b"other", Duration::from_secs(60));
         let token = other.issue(Uuid::now_v7(), Role::Presenter, None);
-        assert!(matches!(
-            keys().verify(&token),
-            Err(DomainError::Unauthorized(_))
-        ));
+        assert_eq!(keys().verify(&token), Err(TokenError::Invalid));
     }
 
     #[test]
@@ -195,10 +173,7 @@ mod tests {
             participant_id: None,
             expires_at: chrono::Utc::now().timestamp() - 1,
         });
-        assert!(matches!(
-            keys().verify(&token),
-            Err(DomainError::Unauthorized("token expired"))
-        ));
+        assert_eq!(keys().verify(&token), Err(TokenError::Expired));
     }
 
     #[test]

@@ -1,0 +1,481 @@
+//! One client connection, from the upgraded socket to the close frame.
+//!
+//! The order on the wire is the contract's: `connection:established`; with
+//! `lastEventId`, the missed events and `connection:reconnected`; then live events.
+//! The seam between replay and live holds because the connection joins its room
+//! (and so starts queueing live events) *before* it reads the log: every event is
+//! either in the replay or in the queue, possibly both, and `last` (the newest
+//! position this connection has passed on) drops the repeats.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use fastwebsockets::{Frame, OpCode, Payload, WebSocket, WebSocketWrite};
+use pollcast_protocol::token::Claims;
+use pollcast_protocol::{
+    ConnectionEvent, EventId, PresenceKind, PresenceSignal, Role, SessionEvent, Timestamp,
+    WireFormat,
+};
+use tokio::io::{AsyncRead, AsyncWrite, WriteHalf};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout};
+use uuid::Uuid;
+
+use crate::Edge;
+use crate::frame::{EncodedEvent, connection_frame};
+use crate::limits::Admission;
+use crate::query::{self, ConnectRequest};
+use crate::reader::{self, Inbound};
+use crate::room::{Member, Queued, SendQueue};
+
+/// Events read per round trip while replaying.
+const REPLAY_BATCH: usize = 512;
+/// How long to wait for the client's close frame after sending ours.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
+/// Why a connection is refused or dropped: close code, `connection:error` code,
+/// message.
+struct Close {
+    status: u16,
+    code: &'static str,
+    message: String,
+}
+
+impl Close {
+    fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Serves one upgraded connection until it ends.
+pub(crate) async fn serve<S>(edge: Edge, ws: WebSocket<S>, query: String)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (read, write) = ws.split(tokio::io::split);
+    let (inbound_tx, mut inbound) = mpsc::channel(64);
+    let reader = tokio::spawn(reader::run(read, inbound_tx));
+    let mut out = Writer {
+        ws: write,
+        format: query::format_of(&query),
+        session_id: Uuid::nil(),
+        timeout: edge.inner.config.write_timeout,
+    };
+    match admit(&edge, &query).await {
+        Err((session_id, refusal)) => {
+            out.session_id = session_id;
+            metrics::counter!("pollcast_edge_refused_total", "code" => refusal.code).increment(1);
+            if out.close(&refusal).await.is_ok() {
+                linger(&mut inbound).await;
+            }
+        }
+        Ok((request, claims, admission)) => {
+            out.session_id = request.session_id;
+            metrics::gauge!("pollcast_edge_connections").increment(1.0);
+            run(&edge, out, request, claims, &mut inbound).await;
+            metrics::gauge!("pollcast_edge_connections").decrement(1.0);
+            drop(admission);
+        }
+    }
+    reader.abort();
+}
+
+/// Decides whether the connection may open: 4400, 4401, 4403, 4404, 4429.
+async fn admit<'e>(
+    edge: &'e Edge,
+    query: &str,
+) -> Result<(ConnectRequest, Claims, Admission<'e>), (Uuid, Close)> {
+    let request =
+        query::parse(query).map_err(|bad| (Uuid::nil(), Close::new(4400, "bad_request", bad.0)))?;
+    let session = request.session_id;
+    let claims = edge
+        .inner
+        .keys
+        .verify(&request.token)
+        .map_err(|err| (session, Close::new(4401, "unauthorized", err.to_string())))?;
+    if claims.session_id != session {
+        return Err((
+            session,
+            Close::new(4403, "forbidden", "token belongs to another session"),
+        ));
+    }
+    match edge.inner.stream.newest(session).await {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return Err((
+                session,
+                Close::new(4404, "session_not_found", "no such session"),
+            ));
+        }
+        Err(err) => return Err((session, Close::new(1011, "unavailable", err.to_string()))),
+    }
+    let admission = edge.inner.limits.admit(claims.participant_id).ok_or((
+        session,
+        Close::new(4429, "too_many_connections", "connection limit reached"),
+    ))?;
+    Ok((request, claims, admission))
+}
+
+/// How the main loop ended.
+enum End {
+    /// Close with this code.
+    Close(Close),
+    /// The client closed, or the socket broke: nothing more to send.
+    Gone,
+    /// The node shuts down: flush the queue, then 1001.
+    Shutdown,
+}
+
+async fn run<S>(
+    edge: &Edge,
+    out: Writer<S>,
+    request: ConnectRequest,
+    claims: Claims,
+    inbound: &mut mpsc::Receiver<Inbound>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let connection_id = Uuid::now_v7();
+    let session_id = request.session_id;
+    let (queue, live) = SendQueue::new(edge.inner.config.send_queue_bytes);
+    let member = Member {
+        presenter: claims.role == Role::Presenter,
+        participant: claims.participant_id,
+        format: request.format,
+        queue: queue.clone(),
+    };
+    let mut connection = Connection {
+        edge,
+        out,
+        session_id,
+        claims,
+        connection_id,
+        queue,
+        live,
+        last: 0,
+    };
+    if let Err(err) = edge
+        .inner
+        .rooms
+        .join(session_id, connection_id, member)
+        .await
+    {
+        let refusal = Close::new(1011, "unavailable", err.to_string());
+        let _ = connection.out.close(&refusal).await;
+        return;
+    }
+    connection.presence(PresenceKind::Connected).await;
+    let end = connection.serve(request.last_event_id, inbound).await;
+    let closed = match end {
+        End::Gone => false,
+        End::Close(close) => connection.out.close(&close).await.is_ok(),
+        End::Shutdown => {
+            connection.flush_queue().await;
+            let close = Close::new(
+                1001,
+                "going_away",
+                "server shutting down; reconnect with lastEventId",
+            );
+            connection.out.close(&close).await.is_ok()
+        }
+    };
+    edge.inner.rooms.leave(session_id, connection_id).await;
+    connection.presence(PresenceKind::Disconnected).await;
+    if closed {
+        linger(inbound).await;
+    }
+}
+
+/// Waits briefly for the client to answer our close, so the socket is not reset
+/// under data the client has not read yet.
+async fn linger(inbound: &mut mpsc::Receiver<Inbound>) {
+    let _ = timeout(CLOSE_LINGER, async {
+        while let Some(message) = inbound.recv().await {
+            if matches!(message, Inbound::Closed) {
+                return;
+            }
+        }
+    })
+    .await;
+}
+
+struct Connection<'e, S> {
+    edge: &'e Edge,
+    out: Writer<S>,
+    session_id: Uuid,
+    claims: Claims,
+    connection_id: Uuid,
+    queue: SendQueue,
+    live: mpsc::UnboundedReceiver<Queued>,
+    /// Newest stream position this connection has passed on (sent, or skipped
+    /// because the client may not see it); live events at or before it are repeats.
+    last: u64,
+}
+
+impl<S> Connection<'_, S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    async fn serve(
+        &mut self,
+        resume_from: Option<EventId>,
+        inbound: &mut mpsc::Receiver<Inbound>,
+    ) -> End {
+        let config = &self.edge.inner.config;
+        // Read after joining the room: anything newer is in the queue.
+        let newest = match self.edge.inner.stream.newest(self.session_id).await {
+            Ok(newest) => newest,
+            Err(err) => return End::Close(Close::new(1011, "unavailable", err.to_string())),
+        };
+        self.last = newest.unwrap_or(0);
+        let established = ConnectionEvent::Established {
+            connection_id: self.connection_id,
+            role: self.claims.role,
+            participant_id: self.claims.participant_id,
+            last_event_id: newest.map(|p| EventId::new(self.session_id, p)),
+            heartbeat_interval_ms: u64::try_from(config.heartbeat_interval.as_millis())
+                .unwrap_or(u64::MAX),
+        };
+        if self.out.send_connection(established).await.is_err() {
+            return End::Gone;
+        }
+        if let Some(from) = resume_from
+            && self.replay(from).await.is_err()
+        {
+            return End::Gone;
+        }
+        let mut shutdown = self.edge.inner.shutdown.subscribe();
+        let mut ping = tokio::time::interval_at(
+            Instant::now() + config.heartbeat_interval,
+            config.heartbeat_interval,
+        );
+        let mut pong_deadline = Instant::now() + config.heartbeat_timeout;
+        loop {
+            let sent = tokio::select! {
+                biased;
+                // The guard `wait_for` returns is not `Send`: drop it inside.
+                () = async { let _ = shutdown.wait_for(|&stop| stop).await; } => return End::Shutdown,
+                message = inbound.recv() => match message {
+                    Some(Inbound::Pong) => {
+                        pong_deadline = Instant::now() + config.heartbeat_timeout;
+                        self.presence(PresenceKind::Seen).await;
+                        Ok(())
+                    }
+                    Some(Inbound::Resume(text)) => match text.parse::<EventId>() {
+                        Ok(from) => self.replay(from).await,
+                        Err(_) => self.bad_frame("resume: lastEventId is not an event id").await,
+                    },
+                    Some(Inbound::BadFrame(why)) => self.bad_frame(&why).await,
+                    Some(Inbound::Control(opcode, payload)) => self.out.control(opcode, payload).await,
+                    Some(Inbound::TooLarge) => {
+                        return End::Close(Close::new(1009, "message_too_large", "client frames are limited to 4 KiB"));
+                    }
+                    Some(Inbound::Closed) | None => return End::Gone,
+                },
+                queued = self.live.recv() => match queued {
+                    Some(Some(event)) => {
+                        if self.queue.overflowed.load(Ordering::Relaxed) {
+                            return End::Close(slow_consumer());
+                        }
+                        self.send_live(&event).await
+                    }
+                    Some(None) => return End::Close(slow_consumer()),
+                    None => return End::Gone,
+                },
+                _ = ping.tick() => self.out.send_connection(ConnectionEvent::Ping {}).await,
+                () = tokio::time::sleep_until(pong_deadline) => {
+                    return End::Close(Close::new(4408, "heartbeat_timeout", "no heartbeat:pong in time"));
+                }
+            };
+            if sent.is_err() {
+                return End::Gone;
+            }
+        }
+    }
+
+    /// Passes on a live event unless the replay already did.
+    async fn send_live(&mut self, event: &EncodedEvent) -> Result<(), Broken> {
+        let format = self.out.format;
+        let bytes = event.bytes(format).unwrap_or_default();
+        self.queue.queued.fetch_sub(bytes.len(), Ordering::Relaxed);
+        if event.position() <= self.last {
+            return Ok(());
+        }
+        self.last = event.position();
+        self.out.send(bytes).await
+    }
+
+    /// Writes whatever is already queued (shutdown flushes before closing).
+    async fn flush_queue(&mut self) {
+        while let Ok(Some(event)) = self.live.try_recv() {
+            if self.send_live(&event).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Sends every event after `from` this connection may see, then
+    /// `connection:reconnected`. When the log no longer reaches `from`, sends
+    /// nothing but `recovered: false`: a partial replay is never passed off as whole.
+    async fn replay(&mut self, from: EventId) -> Result<(), Broken> {
+        let started = std::time::Instant::now();
+        let stream = Arc::clone(&self.edge.inner.stream);
+        let mut replayed = 0;
+        let mut recovered = true;
+        match from.position_in(self.session_id) {
+            Err(_) => recovered = false,
+            Ok(after) => {
+                let mut cursor = after;
+                loop {
+                    let batch = match stream
+                        .read_after(self.session_id, cursor, REPLAY_BATCH)
+                        .await
+                    {
+                        Ok(batch) => batch,
+                        Err(err) => {
+                            tracing::warn!(error = %err, "replay read failed");
+                            recovered = false;
+                            break;
+                        }
+                    };
+                    if batch.truncated {
+                        recovered = false;
+                        break;
+                    }
+                    if batch.events.is_empty() {
+                        break;
+                    }
+                    for event in batch.events {
+                        cursor = event.position;
+                        if self.may_see(&event) {
+                            let encoded = EncodedEvent::new(event);
+                            self.out
+                                .send(encoded.bytes(self.out.format).unwrap_or_default())
+                                .await?;
+                            replayed += 1;
+                        }
+                    }
+                }
+                if recovered {
+                    self.last = self.last.max(cursor);
+                }
+            }
+        }
+        metrics::histogram!("pollcast_edge_replay_seconds").record(started.elapsed().as_secs_f64());
+        let reconnected = ConnectionEvent::Reconnected {
+            from_event_id: from,
+            replayed,
+            recovered,
+        };
+        self.out.send_connection(reconnected).await
+    }
+
+    fn may_see(&self, event: &SessionEvent) -> bool {
+        event.event.audience().includes(
+            self.claims.role == Role::Presenter,
+            self.claims.participant_id,
+        )
+    }
+
+    async fn bad_frame(&mut self, why: &str) -> Result<(), Broken> {
+        let error = ConnectionEvent::Error {
+            code: "bad_frame".into(),
+            message: why.into(),
+        };
+        self.out.send_connection(error).await
+    }
+
+    /// Reports presence for participants (presenters have none). Takes `&mut`
+    /// because the socket inside is `Send` but not `Sync`.
+    async fn presence(&mut self, kind: PresenceKind) {
+        let Some(participant_id) = self.claims.participant_id else {
+            return;
+        };
+        let signal = PresenceSignal {
+            session_id: self.session_id,
+            participant_id,
+            connection_id: self.connection_id,
+            kind,
+            at: Timestamp::now(),
+        };
+        if let Err(err) = self.edge.inner.stream.report_presence(signal).await {
+            tracing::warn!(error = %err, "presence not reported");
+        }
+    }
+}
+
+fn slow_consumer() -> Close {
+    Close::new(
+        4500,
+        "slow_consumer",
+        "send queue overflowed; reconnect with lastEventId",
+    )
+}
+
+/// The socket broke or a write timed out; the connection is over.
+#[derive(Debug)]
+struct Broken;
+
+/// The write side: every frame this connection sends goes through here, each
+/// write bounded by the write timeout.
+struct Writer<S> {
+    ws: WebSocketWrite<WriteHalf<S>>,
+    format: WireFormat,
+    session_id: Uuid,
+    timeout: Duration,
+}
+
+impl<S> Writer<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    async fn write(&mut self, frame: Frame<'_>) -> Result<(), Broken> {
+        match timeout(self.timeout, self.ws.write_frame(frame)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => {
+                tracing::debug!(error = %err, "write failed");
+                Err(Broken)
+            }
+            Err(_) => {
+                metrics::counter!("pollcast_edge_write_timeouts_total").increment(1);
+                Err(Broken)
+            }
+        }
+    }
+
+    /// One envelope in this connection's format: text for JSON, binary for MessagePack.
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), Broken> {
+        let payload = Payload::Borrowed(bytes);
+        let frame = match self.format {
+            WireFormat::Json => Frame::text(payload),
+            WireFormat::MessagePack => Frame::binary(payload),
+        };
+        self.write(frame).await
+    }
+
+    async fn send_connection(&mut self, event: ConnectionEvent) -> Result<(), Broken> {
+        let bytes = connection_frame(self.format, self.session_id, event);
+        self.send(&bytes).await
+    }
+
+    async fn control(&mut self, opcode: OpCode, payload: Vec<u8>) -> Result<(), Broken> {
+        self.write(Frame::new(true, opcode, None, Payload::Owned(payload)))
+            .await
+    }
+
+    /// `connection:error`, then the close frame.
+    async fn close(&mut self, close: &Close) -> Result<(), Broken> {
+        let error = ConnectionEvent::Error {
+            code: close.code.to_owned(),
+            message: close.message.clone(),
+        };
+        self.send_connection(error).await?;
+        self.write(Frame::close(close.status, close.code.as_bytes()))
+            .await
+    }
+}

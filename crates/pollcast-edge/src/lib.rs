@@ -1,0 +1,157 @@
+//! The WebSocket edge: holds client connections, fans a session's events out to
+//! its room, replays what a reconnecting client missed, runs the heartbeat, and
+//! drops slow consumers instead of slowing the room down.
+//!
+//! An edge needs no database. Tokens are verified with the shared secret; that a
+//! session exists, its events and its newest position all come from the event
+//! stream; presence goes back to the domain through the stream.
+//!
+//! Files follow the life of a connection: [`query`] (what the client asked for),
+//! [`limits`] (may it connect), [`room`] (the session's fan-out), [`frame`] (bytes
+//! encoded once per format), `connection` (the per-connection task: replay, live
+//! events, heartbeat, closing), `reader` (client frames).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use fastwebsockets::upgrade::IncomingUpgrade;
+use pollcast_protocol::token::TokenKeys;
+use pollcast_stream::EventStream;
+use tokio::sync::watch;
+
+mod connection;
+pub mod frame;
+pub mod limits;
+pub mod query;
+mod reader;
+pub mod room;
+
+/// Settings of an edge node.
+#[derive(Clone, Debug)]
+pub struct EdgeConfig {
+    /// How often `heartbeat:ping` is sent.
+    pub heartbeat_interval: Duration,
+    /// How long without `heartbeat:pong` before the connection is closed (4408).
+    pub heartbeat_timeout: Duration,
+    /// Most connections this node holds.
+    pub max_connections: usize,
+    /// Most connections one participant may hold on this node.
+    pub max_connections_per_participant: usize,
+    /// Bytes a connection may have queued and unsent before it counts as a slow
+    /// consumer and is closed (4500).
+    pub send_queue_bytes: usize,
+    /// Longest a single write to a client may take before the connection is
+    /// dropped without ceremony (a peer that stopped acknowledging TCP).
+    pub write_timeout: Duration,
+    /// Longest graceful shutdown waits for connections to flush and close.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(30),
+            heartbeat_timeout: Duration::from_secs(60),
+            max_connections: 50_000,
+            max_connections_per_participant: 5,
+            send_queue_bytes: 1 << 20,
+            write_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One edge node; cheap to clone.
+#[derive(Clone)]
+pub struct Edge {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: EdgeConfig,
+    stream: Arc<dyn EventStream>,
+    keys: TokenKeys,
+    rooms: room::Rooms,
+    limits: limits::Limits,
+    /// Turns true when the node shuts down; every connection watches it.
+    shutdown: watch::Sender<bool>,
+}
+
+impl Edge {
+    /// An edge over `stream`, verifying tokens with `keys`.
+    pub fn new(config: EdgeConfig, stream: Arc<dyn EventStream>, keys: TokenKeys) -> Self {
+        let limits = limits::Limits::new(
+            config.max_connections,
+            config.max_connections_per_participant,
+        );
+        Self {
+            inner: Arc::new(Inner {
+                rooms: room::Rooms::new(Arc::clone(&stream)),
+                config,
+                stream,
+                keys,
+                limits,
+                shutdown: watch::channel(false).0,
+            }),
+        }
+    }
+
+    /// `GET /ws`.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/ws", get(upgrade))
+            .with_state(self.clone())
+    }
+
+    /// Open connections on this node.
+    pub fn connections(&self) -> usize {
+        self.inner.limits.open()
+    }
+
+    /// Closes every connection with 1001 after flushing what was queued for it,
+    /// and waits (at most the configured grace) until they are gone.
+    pub async fn shutdown(&self) {
+        let _ = self.inner.shutdown.send(true);
+        let grace = self.inner.config.shutdown_grace;
+        if tokio::time::timeout(grace, self.inner.limits.all_closed())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = self.connections(),
+                "connections still open after the grace period"
+            );
+        }
+    }
+}
+
+/// Upgrades first and decides afterwards: the contract answers every refusal on
+/// the WebSocket itself (`connection:error`, then a close code).
+async fn upgrade(
+    State(edge): State<Edge>,
+    RawQuery(query): RawQuery,
+    upgrade: Result<IncomingUpgrade, StatusCode>,
+) -> Response {
+    let Ok(upgrade) = upgrade else {
+        return (StatusCode::BAD_REQUEST, "expected a WebSocket upgrade").into_response();
+    };
+    let (response, socket) = match upgrade.upgrade() {
+        Ok(parts) => parts,
+        Err(err) => {
+            tracing::debug!(error = %err, "upgrade failed");
+            return (StatusCode::BAD_REQUEST, "bad WebSocket upgrade").into_response();
+        }
+    };
+    tokio::spawn(async move {
+        match socket.await {
+            Ok(ws) => connection::serve(edge, ws, query.unwrap_or_default()).await,
+            Err(err) => tracing::debug!(error = %err, "upgrade did not complete"),
+        }
+    });
+    response.into_response()
+}
