@@ -9,3 +9,7 @@ mod outbox;
 mod polls;
 mod sessions;
 mod votes;
+mod ws_connection;
+mod ws_presence;
+mod ws_replay;
+mod ws_slow_consumer;

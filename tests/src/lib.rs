@@ -7,6 +7,7 @@ pub mod client;
 pub mod postgres;
 pub mod server;
 pub mod stream;
+pub mod ws;
 
 pub use client::{Api, Reply};
 pub use server::{Backend, TestServer};
@@ -29,6 +30,30 @@ macro_rules! on_both_backends {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name($crate::Backend::Postgres).await;
+                }
+            )+
+        }
+    };
+}
+
+/// Generates one `#[tokio::test]` per wire format for each scenario
+/// `async fn name(format: ws::Format)` in scope: `json::name` and `msgpack::name`.
+#[macro_export]
+macro_rules! in_both_formats {
+    ($($name:ident),+ $(,)?) => {
+        mod json {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::ws::Format::Json).await;
+                }
+            )+
+        }
+        mod msgpack {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::ws::Format::MessagePack).await;
                 }
             )+
         }

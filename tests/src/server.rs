@@ -172,4 +172,23 @@ impl TestServer {
             position = events.last().map_or(position, |e| e.position + 1);
         }
     }
+
+    /// Waits until the stream holds every event the session has committed, so a
+    /// client connecting now starts after all of them.
+    pub async fn settle(&self, session_id: &str) {
+        use pollcast_store::sea_orm::{Database, EntityTrait};
+        let db = Database::connect(&self.database_url)
+            .await
+            .expect("connect");
+        let session: uuid::Uuid = session_id.parse().expect("uuid");
+        let row = pollcast_store::session::Entity::find_by_id(session)
+            .one(&db)
+            .await
+            .expect("query")
+            .expect("session row");
+        db.close().await.ok();
+        let last = row.last_position;
+        self.stream_reaches(session, u64::try_from(last).expect("position"))
+            .await;
+    }
 }

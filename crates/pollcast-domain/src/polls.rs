@@ -41,6 +41,12 @@ pub enum NewPollOption {
     },
 }
 
+impl From<String> for NewPollOption {
+    fn from(text: String) -> Self {
+        NewPollOption::Text(text)
+    }
+}
+
 impl NewPollOption {
     fn text(&self) -> &str {
         match self {

@@ -104,9 +104,9 @@ async fn admit<'e>(
             Close::new(4403, "forbidden", "token belongs to another session"),
         ));
     }
-    match edge.inner.stream.newest(session).await {
-        Ok(Some(_)) => {}
-        Ok(None) => {
+    match session_known(edge, session).await {
+        Ok(true) => {}
+        Ok(false) => {
             return Err((
                 session,
                 Close::new(4404, "session_not_found", "no such session"),
@@ -119,6 +119,25 @@ async fn admit<'e>(
         Close::new(4429, "too_many_connections", "connection limit reached"),
     ))?;
     Ok((request, claims, admission))
+}
+
+/// Whether the stream knows the session. A token is issued right after the
+/// session's creation commits, and `session:created` reaches the stream a moment
+/// later; a client that connects in between must not be told the session does not
+/// exist, so an unknown session gets [`crate::EdgeConfig::session_wait`] to appear.
+async fn session_known(edge: &Edge, session: Uuid) -> Result<bool, pollcast_stream::StreamError> {
+    let stream = &edge.inner.stream;
+    if stream.newest(session).await?.is_some() {
+        return Ok(true);
+    }
+    let mut live = stream.subscribe(session).await?;
+    // Published between the check and the subscription?
+    if stream.newest(session).await?.is_some() {
+        return Ok(true);
+    }
+    Ok(timeout(edge.inner.config.session_wait, live.next())
+        .await
+        .is_ok())
 }
 
 /// How the main loop ended.
@@ -310,11 +329,39 @@ where
         self.out.send(bytes).await
     }
 
-    /// Writes whatever is already queued (shutdown flushes before closing).
+    /// Before a shutdown close: writes what is queued, then whatever the stream
+    /// holds beyond it that the room had not dispatched yet, so the client's last
+    /// event is the stream's newest and its reconnect replays nothing twice.
     async fn flush_queue(&mut self) {
         while let Ok(Some(event)) = self.live.try_recv() {
             if self.send_live(&event).await.is_err() {
                 return;
+            }
+        }
+        let stream = Arc::clone(&self.edge.inner.stream);
+        loop {
+            let Ok(batch) = stream
+                .read_after(self.session_id, self.last, REPLAY_BATCH)
+                .await
+            else {
+                return;
+            };
+            if batch.truncated || batch.events.is_empty() {
+                return;
+            }
+            for event in batch.events {
+                self.last = event.position;
+                if self.may_see(&event) {
+                    let encoded = EncodedEvent::new(event);
+                    if self
+                        .out
+                        .send(encoded.bytes(self.out.format).unwrap_or_default())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
             }
         }
     }

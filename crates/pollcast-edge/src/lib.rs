@@ -50,6 +50,15 @@ pub struct EdgeConfig {
     pub write_timeout: Duration,
     /// Longest graceful shutdown waits for connections to flush and close.
     pub shutdown_grace: Duration,
+    /// How long a connection to a session the stream does not know yet waits for
+    /// the session's first event before it is refused with 4404.
+    pub session_wait: Duration,
+    /// Kernel send buffer per accepted socket (`SO_SNDBUF`), applied by the server
+    /// that owns the listener. Bounding it keeps a stalled client from parking
+    /// megabytes in the kernel (Linux grows it to 4 MiB on its own) and makes
+    /// [`EdgeConfig::send_queue_bytes`] the limit that decides who is slow.
+    /// `None` leaves the kernel's autotuning alone.
+    pub socket_send_buffer: Option<usize>,
 }
 
 impl Default for EdgeConfig {
@@ -62,6 +71,8 @@ impl Default for EdgeConfig {
             send_queue_bytes: 1 << 20,
             write_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
+            session_wait: Duration::from_secs(2),
+            socket_send_buffer: Some(256 * 1024),
         }
     }
 }

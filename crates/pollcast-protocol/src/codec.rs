@@ -28,12 +28,20 @@ pub enum CodecError {
 }
 
 impl WireFormat {
-    /// Encodes a value. MessagePack uses named fields (maps), never positional arrays,
-    /// so both formats carry the same field names.
+    /// Encodes a value. MessagePack uses named fields (maps), never positional
+    /// arrays, and the human-readable forms of values (ids and timestamps as strings,
+    /// not raw bytes), so both formats carry the same envelope.
     pub fn encode<T: Serialize + ?Sized>(self, value: &T) -> Result<Vec<u8>, CodecError> {
         Ok(match self {
             WireFormat::Json => serde_json::to_vec(value)?,
-            WireFormat::MessagePack => rmp_serde::to_vec_named(value)?,
+            WireFormat::MessagePack => {
+                let mut bytes = Vec::with_capacity(256);
+                let mut serializer = rmp_serde::Serializer::new(&mut bytes)
+                    .with_struct_map()
+                    .with_human_readable();
+                value.serialize(&mut serializer)?;
+                bytes
+            }
         })
     }
 
@@ -41,7 +49,11 @@ impl WireFormat {
     pub fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, CodecError> {
         Ok(match self {
             WireFormat::Json => serde_json::from_slice(bytes)?,
-            WireFormat::MessagePack => rmp_serde::from_slice(bytes)?,
+            WireFormat::MessagePack => {
+                let mut deserializer =
+                    rmp_serde::Deserializer::from_read_ref(bytes).with_human_readable();
+                T::deserialize(&mut deserializer)?
+            }
         })
     }
 }
@@ -81,6 +93,23 @@ mod tests {
                 .as_str()
                 .is_some_and(|t| t.ends_with('Z'))
         );
+    }
+
+    #[test]
+    fn msgpack_carries_ids_as_strings_like_json() {
+        let stored = sample();
+        let bytes = WireFormat::MessagePack
+            .encode(&Envelope::from(&stored))
+            .expect("encodes");
+        // Decoding into a self-describing JSON value fails on any raw byte string.
+        let value: serde_json::Value = rmp_serde::from_slice(&bytes).expect("no binary values");
+        let json: serde_json::Value = serde_json::from_slice(
+            &WireFormat::Json
+                .encode(&Envelope::from(&stored))
+                .expect("json"),
+        )
+        .expect("json");
+        assert_eq!(value, json);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use pollcast_domain::{Domain, DomainConfig};
 use pollcast_edge::{Edge, EdgeConfig};
@@ -75,12 +76,24 @@ impl Server {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let relay = tokio::spawn(relay.run(shutdown_rx.clone()));
         let presence = tokio::spawn(domain.presence_tracker().run(shutdown_rx.clone()));
+        let send_buffer = settings.edge.socket_send_buffer;
         let edge = Edge::new(settings.edge, stream, domain.token_keys().clone());
 
         let mut router = pollcast_api::router(domain.clone()).merge(edge.router());
         if let Some(handle) = settings.metrics {
             router = router.route("/metrics", get(move || std::future::ready(handle.render())));
         }
+        let listener = listener.tap_io(move |tcp| {
+            // Events are small and latency-bound: never wait to fill a segment.
+            if let Err(err) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %err, "TCP_NODELAY not set");
+            }
+            if let Some(bytes) = send_buffer
+                && let Err(err) = socket2::SockRef::from(&*tcp).set_send_buffer_size(bytes)
+            {
+                tracing::debug!(error = %err, "SO_SNDBUF not set");
+            }
+        });
         let mut stop = shutdown_rx;
         let http = tokio::spawn(async move {
             axum::serve(listener, router)

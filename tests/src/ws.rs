@@ -1,0 +1,255 @@
+//! A WebSocket client for the contract's `/ws`, on tokio-tungstenite (an
+//! implementation independent of the server's), decoding JSON and MessagePack
+//! frames into the same JSON values so tests read the same in both formats.
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+/// How long any single wait for a frame may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// What arrived.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    /// An envelope (text frames parsed as JSON, binary ones as MessagePack).
+    Frame(Value),
+    /// A close frame with its code.
+    Close(u16),
+    /// The connection ended without a close frame.
+    Ended,
+}
+
+/// Wire format a client asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `format=json` (text frames).
+    Json,
+    /// `format=msgpack` (binary frames).
+    MessagePack,
+}
+
+impl Format {
+    /// The query value.
+    pub fn as_query(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::MessagePack => "msgpack",
+        }
+    }
+}
+
+/// One client connection.
+pub struct WsClient {
+    socket: WebSocketStream<TcpStream>,
+    /// Whether binary (MessagePack) or text frames are expected.
+    pub format: Format,
+    /// Answer `heartbeat:ping` while waiting for envelopes (on by default).
+    pub auto_pong: bool,
+}
+
+impl WsClient {
+    /// Connects to `ws://{addr}/ws?{query}`.
+    pub async fn connect(addr: std::net::SocketAddr, query: &str) -> WsClient {
+        Self::connect_with_buffer(addr, query, None).await
+    }
+
+    /// Connects with the socket's receive buffer set to `recv_buffer` bytes, so a
+    /// client that stops reading stalls the server's writes quickly.
+    pub async fn connect_with_buffer(
+        addr: std::net::SocketAddr,
+        query: &str,
+        recv_buffer: Option<u32>,
+    ) -> WsClient {
+        let socket = TcpSocket::new_v4().expect("socket");
+        if let Some(size) = recv_buffer {
+            socket.set_recv_buffer_size(size).expect("SO_RCVBUF");
+        }
+        let tcp = socket.connect(addr).await.expect("tcp connect");
+        let url = format!("ws://{addr}/ws?{query}");
+        let (socket, _) = tokio_tungstenite::client_async(url, tcp)
+            .await
+            .expect("websocket handshake");
+        let format = if query.contains("format=msgpack") {
+            Format::MessagePack
+        } else {
+            Format::Json
+        };
+        WsClient {
+            socket,
+            format,
+            auto_pong: true,
+        }
+    }
+
+    /// The next frame, close or end; fails the test after [`WAIT`].
+    pub async fn next(&mut self) -> Incoming {
+        loop {
+            let message = tokio::time::timeout(WAIT, self.socket.next())
+                .await
+                .expect("a frame within the wait");
+            let message = match message {
+                None | Some(Err(_)) => return Incoming::Ended,
+                Some(Ok(message)) => message,
+            };
+            match message {
+                Message::Text(text) => {
+                    assert_eq!(
+                        self.format,
+                        Format::Json,
+                        "text frame on a msgpack connection"
+                    );
+                    return Incoming::Frame(serde_json::from_str(&text).expect("JSON envelope"));
+                }
+                Message::Binary(bytes) => {
+                    assert_eq!(
+                        self.format,
+                        Format::MessagePack,
+                        "binary frame on a json connection"
+                    );
+                    return Incoming::Frame(
+                        rmp_serde::from_slice(&bytes).expect("MessagePack envelope"),
+                    );
+                }
+                Message::Close(frame) => {
+                    return Incoming::Close(frame.map_or(1005, |f| u16::from(f.code)));
+                }
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+            }
+        }
+    }
+
+    /// The next envelope, skipping heartbeat pings; fails on a close.
+    pub async fn envelope(&mut self) -> Value {
+        loop {
+            match self.next().await {
+                Incoming::Frame(frame) if frame["eventType"] == "heartbeat:ping" => {
+                    if self.auto_pong {
+                        self.pong().await;
+                    }
+                }
+                Incoming::Frame(frame) => return frame,
+                other => panic!("expected a frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// The next envelope (skipping pings) if one arrives within `wait`.
+    pub async fn envelope_within(&mut self, wait: Duration) -> Option<Value> {
+        tokio::time::timeout(wait, self.envelope()).await.ok()
+    }
+
+    /// The next envelope, which must be of `event_type`.
+    pub async fn expect(&mut self, event_type: &str) -> Value {
+        let frame = self.envelope().await;
+        assert_eq!(frame["eventType"], event_type, "unexpected frame {frame}");
+        frame
+    }
+
+    /// Expects `connection:error` with `code`, then a close frame with `status`.
+    pub async fn expect_refusal(&mut self, code: &str, status: u16) {
+        let error = self.expect("connection:error").await;
+        assert_eq!(error["payload"]["code"], code, "{error}");
+        assert_eq!(error["eventId"], Value::Null);
+        assert!(error["payload"]["message"].is_string());
+        assert_eq!(self.next().await, Incoming::Close(status));
+    }
+
+    /// Sends a text frame.
+    pub async fn send_text(&mut self, text: &str) {
+        self.socket
+            .send(Message::text(text))
+            .await
+            .expect("send to the server");
+    }
+
+    /// Answers a heartbeat.
+    pub async fn pong(&mut self) {
+        self.send_text(r#"{"eventType":"heartbeat:pong"}"#).await;
+    }
+
+    /// Closes from the client side.
+    pub async fn close(mut self) {
+        let _ = self
+            .socket
+            .close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                code: CloseCode::Normal,
+                reason: "bye".into(),
+            }))
+            .await;
+    }
+}
+
+/// The query string for a connection.
+pub fn query(session_id: &str, token: &str, last_event_id: Option<&str>, format: Format) -> String {
+    let mut query = format!(
+        "sessionId={session_id}&token={token}&format={}",
+        format.as_query()
+    );
+    if let Some(id) = last_event_id {
+        query.push_str(&format!("&lastEventId={id}"));
+    }
+    query
+}
+
+/// A client read by a background task that answers every heartbeat, so it stays
+/// connected while the test does other things; envelopes queue up for the test.
+pub struct Listening {
+    frames: tokio::sync::mpsc::UnboundedReceiver<Incoming>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl WsClient {
+    /// Hands the client to a background reader.
+    pub fn listen(mut self) -> Listening {
+        let (tx, frames) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                let incoming = match tokio::time::timeout(WAIT, self.socket.next()).await {
+                    Err(_) => continue,
+                    Ok(None | Some(Err(_))) => Incoming::Ended,
+                    Ok(Some(Ok(Message::Close(frame)))) => {
+                        Incoming::Close(frame.map_or(1005, |f| u16::from(f.code)))
+                    }
+                    Ok(Some(Ok(Message::Text(text)))) => {
+                        Incoming::Frame(serde_json::from_str(&text).expect("JSON envelope"))
+                    }
+                    Ok(Some(Ok(Message::Binary(bytes)))) => Incoming::Frame(
+                        rmp_serde::from_slice(&bytes).expect("MessagePack envelope"),
+                    ),
+                    Ok(Some(Ok(_))) => continue,
+                };
+                if matches!(&incoming, Incoming::Frame(f) if f["eventType"] == "heartbeat:ping") {
+                    self.pong().await;
+                    continue;
+                }
+                let last = !matches!(incoming, Incoming::Frame(_));
+                if tx.send(incoming).is_err() || last {
+                    return;
+                }
+            }
+        });
+        Listening { frames, task }
+    }
+}
+
+impl Listening {
+    /// The next envelope; fails the test on a close or after [`WAIT`].
+    pub async fn envelope(&mut self) -> Value {
+        match tokio::time::timeout(WAIT, self.frames.recv()).await {
+            Ok(Some(Incoming::Frame(frame))) => frame,
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
