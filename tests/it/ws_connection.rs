@@ -325,7 +325,103 @@ async fn shutdown_flushes_then_closes_with_1001(format: Format) {
     client.expect_refusal("going_away", 1001).await;
 }
 
+async fn every_domain_event_reaches_its_audience(format: Format) {
+    let t = TestServer::start(Backend::Sqlite).await;
+    let p = t.api.create_session("Town hall").await;
+    let a = t.api.join(&p.code, "Ada").await;
+    let mut presenter = connect(&t, &p, &p.token, format).await;
+    let mut ada = connect(&t, &p, &a.token, format).await;
+    presenter.expect("connection:established").await;
+    ada.expect("connection:established").await;
+    t.api
+        .post(
+            &format!("/api/sessions/{}/start", p.session_id),
+            Some(&p.token),
+            json!({}),
+        )
+        .await
+        .expect(200);
+    let poll = t.api.active_poll(&p).await;
+    let option = poll["options"][0]["id"]
+        .as_str()
+        .expect("option")
+        .to_owned();
+    t.api
+        .vote(&id_of(&poll), &a.token, &[&option])
+        .await
+        .expect(201);
+    t.api
+        .vote(&id_of(&poll), &a.token, &[&option])
+        .await
+        .expect_error(409, "already_voted");
+    let bob = t.api.join(&p.code, "Bob").await;
+    let bob_ws = connect(&t, &p, &bob.token, format).await;
+    drop(bob_ws);
+    t.api
+        .post(
+            &format!("/api/sessions/{}/end", p.session_id),
+            Some(&p.token),
+            json!({}),
+        )
+        .await
+        .expect(200);
+    let mut types = std::collections::BTreeSet::new();
+    let mut ended = false;
+    while !(ended && types.contains("participant:disconnected")) {
+        let frame = presenter.envelope().await;
+        let kind = frame["eventType"].as_str().expect("type").to_owned();
+        assert!(frame["eventId"].is_string(), "{frame}");
+        ended |= kind == "session:ended";
+        types.insert(kind);
+    }
+    let expected = [
+        "participant:disconnected",
+        "participant:joined",
+        "poll:activated",
+        "poll:closed",
+        "poll:created",
+        "results:updated",
+        "session:ended",
+        "session:started",
+        "vote:accepted",
+    ];
+    assert_eq!(
+        types.iter().map(String::as_str).collect::<Vec<_>>(),
+        expected
+    );
+    loop {
+        let frame = ada.envelope().await;
+        if frame["eventType"] == "vote:rejected" {
+            assert_eq!(frame["payload"]["pollId"], id_of(&poll).as_str());
+            break;
+        }
+    }
+}
+
+async fn heartbeat_ping_arrives_in_the_connection_format(format: Format) {
+    let options = Options {
+        edge: EdgeConfig {
+            heartbeat_interval: Duration::from_millis(50),
+            ..EdgeConfig::default()
+        },
+        ..Options::default()
+    };
+    let t = TestServer::start_with(Backend::Sqlite, options).await;
+    let p = t.api.started_session().await;
+    let mut client = connect(&t, &p, &p.token, format).await;
+    let established = client.expect("connection:established").await;
+    assert_eq!(established["payload"]["heartbeatIntervalMs"], 50);
+    let Incoming::Frame(ping) = client.next().await else {
+        panic!("no ping")
+    };
+    assert_eq!(ping["eventType"], "heartbeat:ping");
+    assert_eq!(ping["eventId"], Value::Null);
+    assert_eq!(ping["payload"], json!({}));
+}
+
 pollcast_tests::in_both_formats!(
+    every_domain_event_reaches_its_audience,
+    heartbeat_ping_arrives_in_the_connection_format,
     established_is_the_first_frame,
     refused_connections_get_an_error_then_their_close_code,
     connections_beyond_the_per_participant_limit_close_with_4429,
