@@ -147,7 +147,7 @@ async fn one_run(args: &Args, format: Format) -> anyhow::Result<Summary> {
             max_connections_per_participant: 5,
             ..EdgeConfig::default()
         },
-        restore_history: false,
+        single_node: true,
     };
     let server = Server::start(
         listener,

@@ -159,7 +159,19 @@ async fn disconnected_is_sent_once_the_last_connection_is_gone(backend: Backend)
     assert_eq!(presenter.envelope().await["eventType"], "poll:created");
 }
 
+async fn graceful_shutdown_leaves_no_participant_marked_connected(backend: Backend) {
+    let t = TestServer::start_with(backend, fast_heartbeat()).await;
+    let p = t.api.started_session().await;
+    let ada = t.api.join(&p.code, "Ada").await;
+    let _listening = connect(&t, &p, &ada.token).await.listen();
+    until_ada(&t, &p, |a| a["connected"] == true).await;
+    let stopped = t.stop().await;
+    let row = stopped.participant(&ada.id).await;
+    assert!(!row.connected, "the shutdown's disconnects were applied");
+}
+
 pollcast_tests::on_both_backends!(
+    graceful_shutdown_leaves_no_participant_marked_connected,
     silent_client_is_closed_with_4408_and_reported_disconnected,
     answered_heartbeats_keep_the_connection_and_move_last_seen,
     disconnected_is_sent_once_the_last_connection_is_gone,

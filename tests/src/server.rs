@@ -88,6 +88,19 @@ impl TestServer {
         Self::start_on(database_url, _dir, options).await
     }
 
+    /// Shuts the server down gracefully; its data stays readable until the
+    /// returned value is dropped.
+    pub async fn stop(self) -> Stopped {
+        let TestServer {
+            server,
+            database_url,
+            _dir,
+            ..
+        } = self;
+        server.shutdown().await.expect("clean shutdown");
+        Stopped { database_url, _dir }
+    }
+
     async fn start_on(database_url: String, dir: Arc<TempDir>, options: Options) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let settings = Settings {
@@ -97,7 +110,7 @@ impl TestServer {
             domain: options.domain,
             metrics: None,
             edge: options.edge,
-            restore_history: true,
+            single_node: true,
         };
         let server = Server::start(listener, settings, options.stream)
             .await
@@ -190,5 +203,30 @@ impl TestServer {
         let last = row.last_position;
         self.stream_reaches(session, u64::try_from(last).expect("position"))
             .await;
+    }
+}
+
+/// The data of a server that was shut down.
+pub struct Stopped {
+    /// Its database.
+    pub database_url: String,
+    _dir: Arc<TempDir>,
+}
+
+impl Stopped {
+    /// A participant's row, read straight from the database.
+    pub async fn participant(&self, id: &str) -> pollcast_store::participant::Model {
+        use pollcast_store::sea_orm::{Database, EntityTrait};
+        let db = Database::connect(&self.database_url)
+            .await
+            .expect("connect");
+        let id: uuid::Uuid = id.parse().expect("uuid");
+        let row = pollcast_store::participant::Entity::find_by_id(id)
+            .one(&db)
+            .await
+            .expect("query")
+            .expect("participant row");
+        db.close().await.ok();
+        row
     }
 }

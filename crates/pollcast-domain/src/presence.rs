@@ -23,6 +23,9 @@ use uuid::Uuid;
 use crate::tx::SessionTx;
 use crate::{Domain, DomainResult};
 
+/// How long the tracker waits for more signals once shutdown began.
+const SHUTDOWN_DRAIN: Duration = Duration::from_millis(100);
+
 /// Consumes presence signals for one domain.
 pub struct PresenceTracker {
     domain: Domain,
@@ -34,6 +37,17 @@ pub struct PresenceTracker {
 }
 
 impl Domain {
+    /// Marks every participant disconnected; returns how many were marked connected.
+    /// Only for a single-node start, when no connection can be open.
+    pub async fn reset_presence(&self) -> DomainResult<u64> {
+        let reset = participant::Entity::update_many()
+            .col_expr(participant::Column::Connected, Expr::value(false))
+            .filter(participant::Column::Connected.eq(true))
+            .exec(self.db())
+            .await?;
+        Ok(reset.rows_affected)
+    }
+
     /// The presence tracker of this domain; run it with [`PresenceTracker::run`].
     pub fn presence_tracker(&self) -> PresenceTracker {
         PresenceTracker {
@@ -71,6 +85,13 @@ impl PresenceTracker {
                 },
                 _ = flush.tick() => self.flush_seen().await,
                 _ = shutdown.changed() => break,
+            }
+        }
+        // Edges close their connections before the tracker stops: apply the
+        // disconnects they just reported, so no one stays marked connected.
+        while let Ok(Ok(signal)) = tokio::time::timeout(SHUTDOWN_DRAIN, feed.next()).await {
+            if let Err(err) = self.apply(signal).await {
+                tracing::warn!(error = %err, "presence update failed at shutdown");
             }
         }
         self.flush_seen().await;

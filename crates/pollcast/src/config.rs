@@ -14,7 +14,11 @@ use pollcast_edge::EdgeConfig;
 
 /// pollcast: the real-time backbone of live audience sessions.
 #[derive(Debug, Parser)]
-#[command(name = "pollcast", version, about)]
+#[command(
+    name = "pollcast",
+    version,
+    about = "pollcast: the real-time backbone of live audience sessions"
+)]
 pub struct Config {
     /// What to do.
     #[command(subcommand)]

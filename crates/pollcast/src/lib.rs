@@ -35,9 +35,11 @@ pub struct Settings {
     pub metrics: Option<PrometheusHandle>,
     /// WebSocket edge settings.
     pub edge: EdgeConfig,
-    /// Republish the retained history from the outbox at start-up: for an engine
-    /// whose log does not survive restarts (the embedded one).
-    pub restore_history: bool,
+    /// This process is the whole deployment (the embedded stream): at start-up it
+    /// republishes the retained history from the outbox (the embedded log does not
+    /// survive restarts) and marks every participant disconnected (no connection
+    /// can exist yet). Never set it when several nodes share a database.
+    pub single_node: bool,
 }
 
 /// A running server.
@@ -66,12 +68,20 @@ impl Server {
             .context("connecting to the database")?;
         let domain = Domain::new(db, Arc::clone(&stream), &settings.secret, settings.domain);
         let relay = domain.relay();
-        if settings.restore_history {
+        if settings.single_node {
             let restored = relay
                 .restore_history(Retention::default().max_age)
                 .await
                 .context("restoring the event history")?;
-            tracing::info!(restored, "event history restored from the outbox");
+            let reset = domain
+                .reset_presence()
+                .await
+                .context("resetting presence")?;
+            tracing::info!(
+                restored,
+                reset,
+                "single node: history restored, presence reset"
+            );
         }
         let (shutdown, shutdown_rx) = watch::channel(false);
         let relay = tokio::spawn(relay.run(shutdown_rx.clone()));

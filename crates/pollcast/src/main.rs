@@ -36,7 +36,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         domain: args.domain_config(),
         metrics: Some(metrics),
         edge: args.edge_config(),
-        restore_history: true,
+        single_node: true,
     };
     let listener = TcpListener::bind(args.listen)
         .await
