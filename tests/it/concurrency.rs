@@ -1,7 +1,7 @@
 //! Results stay exact and the one-vote rule holds when requests race.
 
 use futures::future::join_all;
-use pollcast_tests::client::{id_of, option_id};
+use pollcast_tests::client::{id_of, option_id, vote_counts};
 use pollcast_tests::{Backend, TestServer};
 use serde_json::json;
 
@@ -25,19 +25,9 @@ async fn two_hundred_participants_voting_at_once_are_counted_exactly(backend: Ba
     for reply in &replies {
         assert_eq!(reply.status, 201, "{}", reply.body);
     }
-    let results = t
-        .api
-        .get(&format!("/api/polls/{poll_id}/results"), Some(&p.token))
-        .await
-        .expect(200);
+    let results = t.api.results(&poll_id, &p.token).await;
     assert_eq!(results["totalVotes"], 200);
-    let counts: Vec<u64> = results["options"]
-        .as_array()
-        .expect("options")
-        .iter()
-        .filter_map(|o| o["votes"].as_u64())
-        .collect();
-    assert_eq!(counts, vec![67, 67, 66]);
+    assert_eq!(vote_counts(&results), vec![67, 67, 66]);
 }
 
 async fn same_participant_racing_twenty_votes_gets_exactly_one_accepted(backend: Backend) {
@@ -54,11 +44,7 @@ async fn same_participant_racing_twenty_votes_gets_exactly_one_accepted(backend:
     for reply in replies.iter().filter(|r| r.status != 201) {
         reply.expect_error(409, "already_voted");
     }
-    let results = t
-        .api
-        .get(&format!("/api/polls/{poll_id}/results"), Some(&p.token))
-        .await
-        .expect(200);
+    let results = t.api.results(&poll_id, &p.token).await;
     assert_eq!(results["totalVotes"], 1);
 }
 
@@ -88,11 +74,7 @@ async fn racing_requests_with_one_idempotency_key_all_get_the_one_vote(backend: 
             "every retry gets the first answer"
         );
     }
-    let results = t
-        .api
-        .get(&format!("/api/polls/{poll_id}/results"), Some(&p.token))
-        .await
-        .expect(200);
+    let results = t.api.results(&poll_id, &p.token).await;
     assert_eq!(results["totalVotes"], 1);
 }
 

@@ -1,7 +1,7 @@
 //! Voting rules, rejections, idempotency and results.
 
 use pollcast_protocol::{Audience, DomainEvent};
-use pollcast_tests::client::{Presenter, id_of, option_id};
+use pollcast_tests::client::{Presenter, id_of, option_id, vote_counts};
 use pollcast_tests::{Api, Backend, TestServer};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -22,12 +22,6 @@ async fn multiple_poll(api: &Api, p: &Presenter, max_choices: u32) -> Value {
     .expect(200)
 }
 
-async fn results(api: &Api, poll_id: &str, token: &str) -> Value {
-    api.get(&format!("/api/polls/{poll_id}/results"), Some(token))
-        .await
-        .expect(200)
-}
-
 async fn accepted_vote_answers_201_and_counts(backend: Backend) {
     let t = TestServer::start(backend).await;
     let p = t.api.started_session().await;
@@ -40,7 +34,7 @@ async fn accepted_vote_answers_201_and_counts(backend: Backend) {
     assert_eq!(vote["participantId"], j.id.as_str());
     assert_eq!(vote["optionIds"], json!([b]));
     assert!(vote["id"].is_string() && vote["createdAt"].is_string());
-    let r = results(&t.api, &poll_id, &j.token).await;
+    let r = t.api.results(&poll_id, &j.token).await;
     assert_eq!(r["pollId"], poll_id.as_str());
     assert_eq!(r["totalVotes"], 1);
     assert_eq!(r["final"], false);
@@ -75,7 +69,7 @@ async fn second_vote_on_same_poll_is_rejected_with_already_voted(backend: Backen
         .vote(&poll_id, &j.token, &[&option_id(&poll, 1)])
         .await
         .expect_error(409, "already_voted");
-    let r = results(&t.api, &poll_id, &p.token).await;
+    let r = t.api.results(&poll_id, &p.token).await;
     assert_eq!(r["totalVotes"], 1);
     assert_eq!(
         r["options"][1]["votes"], 0,
@@ -210,15 +204,9 @@ async fn multiple_choice_takes_1_to_max_choices_distinct_options(backend: Backen
         .expect(201);
     let bob = t.api.join(&p.code, "Bob").await;
     t.api.vote(&poll_id, &bob.token, &[&b]).await.expect(201);
-    let r = results(&t.api, &poll_id, &p.token).await;
+    let r = t.api.results(&poll_id, &p.token).await;
     assert_eq!(r["totalVotes"], 2, "votes, not options chosen");
-    let counts: Vec<u64> = r["options"]
-        .as_array()
-        .expect("options")
-        .iter()
-        .filter_map(|o| o["votes"].as_u64())
-        .collect();
-    assert_eq!(counts, vec![1, 2, 0, 0]);
+    assert_eq!(vote_counts(&r), vec![1, 2, 0, 0]);
 }
 
 async fn presenter_cannot_vote(backend: Backend) {
@@ -255,7 +243,7 @@ async fn repeated_idempotency_key_returns_the_first_answer_and_casts_once(backen
     let first = send(option_id(&poll, 0)).await.expect(201);
     let again = send(option_id(&poll, 0)).await.expect(201);
     assert_eq!(first, again, "the same answer, byte for byte");
-    let r = results(&t.api, &poll_id, &p.token).await;
+    let r = t.api.results(&poll_id, &p.token).await;
     assert_eq!(r["totalVotes"], 1);
 }
 
@@ -282,7 +270,7 @@ async fn idempotency_key_replays_a_rejection_too(backend: Backend) {
     send(option_id(&poll, 0))
         .await
         .expect_error(422, "invalid_option");
-    let r = results(&t.api, &id_of(&poll), &p.token).await;
+    let r = t.api.results(&id_of(&poll), &p.token).await;
     assert_eq!(r["totalVotes"], 0);
 }
 
@@ -304,7 +292,7 @@ async fn results_are_final_once_the_poll_closes(backend: Backend) {
         )
         .await
         .expect(200);
-    let r = results(&t.api, &poll_id, &j.token).await;
+    let r = t.api.results(&poll_id, &j.token).await;
     assert_eq!(r["final"], true);
     assert_eq!(r["options"][2]["votes"], 1);
 }

@@ -223,6 +223,13 @@ impl Api {
         .expect(200)
     }
 
+    /// A poll's results, which must be readable with `token`.
+    pub async fn results(&self, poll_id: &str, token: &str) -> Value {
+        self.get(&format!("/api/polls/{poll_id}/results"), Some(token))
+            .await
+            .expect(200)
+    }
+
     /// Casts a vote.
     pub async fn vote(&self, poll_id: &str, token: &str, option_ids: &[&str]) -> Reply {
         self.post(
@@ -232,6 +239,20 @@ impl Api {
         )
         .await
     }
+}
+
+/// A Results resource's vote counts, in the poll's option order.
+pub fn vote_counts(results: &Value) -> Vec<u64> {
+    results["options"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no options in {results}"))
+        .iter()
+        .map(|o| {
+            o["votes"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no count in {o}"))
+        })
+        .collect()
 }
 
 /// The id of option `index` of a Poll resource.

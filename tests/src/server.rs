@@ -189,17 +189,8 @@ impl TestServer {
     /// Waits until the stream holds every event the session has committed, so a
     /// client connecting now starts after all of them.
     pub async fn settle(&self, session_id: &str) {
-        use pollcast_store::sea_orm::{Database, EntityTrait};
-        let db = Database::connect(&self.database_url)
-            .await
-            .expect("connect");
         let session: uuid::Uuid = session_id.parse().expect("uuid");
-        let row = pollcast_store::session::Entity::find_by_id(session)
-            .one(&db)
-            .await
-            .expect("query")
-            .expect("session row");
-        db.close().await.ok();
+        let row = read_row::<pollcast_store::session::Entity>(&self.database_url, session).await;
         let last = row.last_position;
         self.stream_reaches(session, u64::try_from(last).expect("position"))
             .await;
@@ -216,17 +207,25 @@ pub struct Stopped {
 impl Stopped {
     /// A participant's row, read straight from the database.
     pub async fn participant(&self, id: &str) -> pollcast_store::participant::Model {
-        use pollcast_store::sea_orm::{Database, EntityTrait};
-        let db = Database::connect(&self.database_url)
-            .await
-            .expect("connect");
         let id: uuid::Uuid = id.parse().expect("uuid");
-        let row = pollcast_store::participant::Entity::find_by_id(id)
-            .one(&db)
-            .await
-            .expect("query")
-            .expect("participant row");
-        db.close().await.ok();
-        row
+        read_row::<pollcast_store::participant::Entity>(&self.database_url, id).await
     }
+}
+
+/// One row by primary key, read straight from the database at `url`.
+async fn read_row<E>(url: &str, id: uuid::Uuid) -> E::Model
+where
+    E: pollcast_store::sea_orm::EntityTrait,
+    E::PrimaryKey: pollcast_store::sea_orm::PrimaryKeyTrait<ValueType = uuid::Uuid>,
+{
+    let db = pollcast_store::sea_orm::Database::connect(url)
+        .await
+        .expect("connect");
+    let row = E::find_by_id(id)
+        .one(&db)
+        .await
+        .expect("query")
+        .expect("row exists");
+    db.close().await.ok();
+    row
 }
