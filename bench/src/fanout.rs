@@ -148,6 +148,8 @@ async fn one_run(args: &Args, format: Format) -> anyhow::Result<Summary> {
             ..EdgeConfig::default()
         },
         single_node: true,
+        // The benchmark measures fan-out, not the limits.
+        rate_limits: pollcast_api::RateLimitConfig::OFF,
     };
     let server = Server::start(
         listener,

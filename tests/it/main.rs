@@ -7,6 +7,7 @@ mod events;
 mod health;
 mod outbox;
 mod polls;
+mod rate_limits;
 mod sessions;
 mod votes;
 mod ws_connection;

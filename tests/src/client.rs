@@ -11,6 +11,8 @@ pub struct Reply {
     pub status: u16,
     /// JSON body (`Null` when empty or not JSON).
     pub body: Value,
+    /// Response headers.
+    pub headers: reqwest::header::HeaderMap,
 }
 
 impl Reply {
@@ -138,9 +140,14 @@ impl Api {
     async fn finish(&self, request: reqwest::RequestBuilder) -> Reply {
         let response = request.send().await.expect("request reaches the server");
         let status = response.status().as_u16();
+        let headers = response.headers().clone();
         let bytes = response.bytes().await.expect("response body");
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Reply { status, body }
+        Reply {
+            status,
+            body,
+            headers,
+        }
     }
 
     /// GET with a token.

@@ -44,6 +44,8 @@ pub struct Options {
     pub domain: DomainConfig,
     /// WebSocket edge settings.
     pub edge: pollcast_edge::EdgeConfig,
+    /// Rate limits (the defaults the binary uses).
+    pub rate_limits: pollcast_api::RateLimitConfig,
 }
 
 impl Default for Options {
@@ -52,6 +54,7 @@ impl Default for Options {
             stream: Arc::new(EmbeddedStream::default()),
             domain: DomainConfig::default(),
             edge: pollcast_edge::EdgeConfig::default(),
+            rate_limits: pollcast_api::RateLimitConfig::default(),
         }
     }
 }
@@ -110,6 +113,7 @@ impl TestServer {
             domain: options.domain,
             metrics: None,
             edge: options.edge,
+            rate_limits: options.rate_limits,
             single_node: true,
         };
         let server = Server::start(listener, settings, options.stream)

@@ -25,6 +25,17 @@ pub enum ApiError {
     /// The route exists, the method does not.
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// Too many writes; try again after `retry_after`.
+    #[error("too many requests; retry in {} s", retry_after_secs(*.retry_after))]
+    RateLimited {
+        /// How long until the next request will be accepted.
+        retry_after: std::time::Duration,
+    },
+}
+
+/// Whole seconds to wait, at least one (`Retry-After` takes whole seconds).
+fn retry_after_secs(wait: std::time::Duration) -> u64 {
+    wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
 }
 
 impl ApiError {
@@ -34,6 +45,7 @@ impl ApiError {
             ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::Domain(err) => match err {
                 DomainError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
                 DomainError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
@@ -83,6 +95,12 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let ApiError::RateLimited { retry_after } = self {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after_secs(retry_after).max(1)),
+            );
         }
         response
     }

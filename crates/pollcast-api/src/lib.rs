@@ -12,15 +12,20 @@ use pollcast_domain::Domain;
 pub mod auth;
 pub mod body;
 pub mod error;
+pub mod rate_limit;
 pub mod routes;
 
 pub use error::ApiError;
+pub use rate_limit::RateLimitConfig;
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// The REST router (`/api/…`, `/healthz`, `/readyz`) over the domain services.
-pub fn router(domain: Domain) -> Router {
+/// Serve it with `into_make_service_with_connect_info::<SocketAddr>()` so that
+/// anonymous writes are limited per client address.
+pub fn router(domain: Domain, rate_limits: RateLimitConfig) -> Router {
+    let limits = rate_limit::RateLimits::new(domain.clone(), rate_limits);
     Router::new()
         .merge(routes::sessions::router())
         .merge(routes::participants::router())
@@ -30,6 +35,7 @@ pub fn router(domain: Domain) -> Router {
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn(body::refuse_oversized))
+        .layer(middleware::from_fn_with_state(limits, rate_limit::limit))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(record_latency))
         .with_state(domain)

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use pollcast_api::RateLimitConfig;
 use pollcast_domain::DomainConfig;
 use pollcast_edge::EdgeConfig;
 
@@ -92,6 +93,19 @@ pub struct ServeArgs {
     /// Bytes queued for one connection before it is closed as a slow consumer (4500).
     #[arg(long, env = "POLLCAST_SEND_QUEUE_BYTES", default_value_t = 1 << 20)]
     pub send_queue_bytes: usize,
+    /// Writes per second per token holder (0: unlimited).
+    #[arg(long, env = "POLLCAST_WRITES_PER_SECOND", default_value_t = RateLimitConfig::default().writes_per_second)]
+    pub writes_per_second: u32,
+    /// Writes a token holder may make at once.
+    #[arg(long, env = "POLLCAST_WRITE_BURST", default_value_t = RateLimitConfig::default().write_burst)]
+    pub write_burst: u32,
+    /// Writes without a token (create session, join) per second per client IP
+    /// (0: unlimited). Generous: a whole venue may share one address.
+    #[arg(long, env = "POLLCAST_ANONYMOUS_PER_SECOND", default_value_t = RateLimitConfig::default().anonymous_per_second)]
+    pub anonymous_per_second: u32,
+    /// Writes without a token one IP may make at once.
+    #[arg(long, env = "POLLCAST_ANONYMOUS_BURST", default_value_t = RateLimitConfig::default().anonymous_burst)]
+    pub anonymous_burst: u32,
 }
 
 impl StoreArgs {
@@ -128,6 +142,16 @@ impl ServeArgs {
             results_interval: Duration::from_millis(self.results_interval_ms),
             admin_key: self.admin_key.clone(),
             presence_flush: Duration::from_millis(self.presence_flush_ms.max(1)),
+        }
+    }
+
+    /// Rate limits from the flags.
+    pub fn rate_limits(&self) -> RateLimitConfig {
+        RateLimitConfig {
+            writes_per_second: self.writes_per_second,
+            write_burst: self.write_burst,
+            anonymous_per_second: self.anonymous_per_second,
+            anonymous_burst: self.anonymous_burst,
         }
     }
 

@@ -9,6 +9,7 @@ use anyhow::Context;
 use axum::routing::get;
 use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::PrometheusHandle;
+use pollcast_api::RateLimitConfig;
 use pollcast_domain::{Domain, DomainConfig};
 use pollcast_edge::{Edge, EdgeConfig};
 use pollcast_stream::{EventStream, Retention};
@@ -35,6 +36,8 @@ pub struct Settings {
     pub metrics: Option<PrometheusHandle>,
     /// WebSocket edge settings.
     pub edge: EdgeConfig,
+    /// Limits on writes (429).
+    pub rate_limits: RateLimitConfig,
     /// This process is the whole deployment (the embedded stream): at start-up it
     /// republishes the retained history from the outbox (the embedded log does not
     /// survive restarts) and marks every participant disconnected (no connection
@@ -89,7 +92,8 @@ impl Server {
         let send_buffer = settings.edge.socket_send_buffer;
         let edge = Edge::new(settings.edge, stream, domain.token_keys().clone());
 
-        let mut router = pollcast_api::router(domain.clone()).merge(edge.router());
+        let mut router =
+            pollcast_api::router(domain.clone(), settings.rate_limits).merge(edge.router());
         if let Some(handle) = settings.metrics {
             router = router.route("/metrics", get(move || std::future::ready(handle.render())));
         }
@@ -106,12 +110,15 @@ impl Server {
         });
         let mut stop = shutdown_rx;
         let http = tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    // Either a shutdown request or the sender dropping ends serving.
-                    let _ = stop.wait_for(|&stop| stop).await;
-                })
-                .await
+            axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move {
+                // Either a shutdown request or the sender dropping ends serving.
+                let _ = stop.wait_for(|&stop| stop).await;
+            })
+            .await
         });
         tracing::info!(%addr, "pollcast listening");
         Ok(Server {

@@ -36,6 +36,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         domain: args.domain_config(),
         metrics: Some(metrics),
         edge: args.edge_config(),
+        rate_limits: args.rate_limits(),
         single_node: true,
     };
     let listener = TcpListener::bind(args.listen)

@@ -1,0 +1,130 @@
+//! `429 rate_limited` with `Retry-After`: per token holder for writes with a token,
+//! per client address for writes without one. A refused request changes nothing.
+
+use pollcast_api::RateLimitConfig;
+use pollcast_tests::client::{id_of, option_id};
+use pollcast_tests::server::Options;
+use pollcast_tests::{Backend, Reply, TestServer};
+use serde_json::json;
+use uuid::Uuid;
+
+fn limited(config: RateLimitConfig) -> Options {
+    Options {
+        rate_limits: config,
+        ..Options::default()
+    }
+}
+
+#[track_caller]
+fn assert_rate_limited(reply: &Reply) {
+    reply.expect_error(429, "rate_limited");
+    let retry_after: u64 = reply.headers["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("whole seconds");
+    assert!(retry_after >= 1, "Retry-After: {retry_after}");
+}
+
+async fn a_participant_over_the_write_limit_gets_429_and_changes_nothing(backend: Backend) {
+    let config = RateLimitConfig {
+        writes_per_second: 1,
+        // The presenter's setup (start, create, activate) takes three.
+        write_burst: 3,
+        ..RateLimitConfig::default()
+    };
+    let t = TestServer::start_with(backend, limited(config)).await;
+    let p = t.api.started_session().await;
+    let poll = t.api.active_poll(&p).await;
+    let ada = t.api.join(&p.code, "Ada").await;
+    let poll_id = id_of(&poll);
+    t.api
+        .vote(&poll_id, &ada.token, &[&option_id(&poll, 0)])
+        .await
+        .expect(201);
+    for _ in 0..2 {
+        t.api
+            .vote(&poll_id, &ada.token, &[&option_id(&poll, 0)])
+            .await
+            .expect_error(409, "already_voted");
+    }
+    t.settle(&p.session_id).await;
+    let session: Uuid = p.session_id.parse().expect("uuid");
+    let before = t
+        .server
+        .domain()
+        .stream()
+        .newest(session)
+        .await
+        .expect("newest");
+    let refused = t
+        .api
+        .vote(&poll_id, &ada.token, &[&option_id(&poll, 1)])
+        .await;
+    assert_rate_limited(&refused);
+    // Another holder's bucket is untouched.
+    let bob = t.api.join(&p.code, "Bob").await;
+    t.api
+        .vote(&poll_id, &bob.token, &[&option_id(&poll, 1)])
+        .await
+        .expect(201);
+    let results = t.api.results(&poll_id, &p.token).await;
+    assert_eq!(results["totalVotes"], 2);
+    // No vote:rejected for the refused request: Bob's join, vote and results only.
+    t.settle(&p.session_id).await;
+    let events = t.events(session, before.expect("some") + 2).await;
+    let after: Vec<&str> = events
+        .iter()
+        .filter(|e| Some(e.position) > before)
+        .map(|e| e.event.event_type())
+        .collect();
+    assert!(!after.contains(&"vote:rejected"), "{after:?}");
+}
+
+async fn anonymous_writes_over_the_address_limit_get_429(backend: Backend) {
+    let config = RateLimitConfig {
+        anonymous_per_second: 1,
+        anonymous_burst: 3,
+        ..RateLimitConfig::default()
+    };
+    let t = TestServer::start_with(backend, limited(config)).await;
+    let p = t.api.create_session("Town hall").await;
+    t.api.join(&p.code, "Ada").await;
+    t.api.join(&p.code, "Bob").await;
+    let refused = t
+        .api
+        .post(
+            "/api/join",
+            None,
+            json!({ "code": p.code, "displayName": "Cy" }),
+        )
+        .await;
+    assert_rate_limited(&refused);
+    let list = t
+        .api
+        .get(
+            &format!("/api/sessions/{}/participants", p.session_id),
+            Some(&p.token),
+        )
+        .await
+        .expect(200);
+    assert_eq!(
+        list.as_array().map(Vec::len),
+        Some(2),
+        "the refused join changed nothing"
+    );
+    // The presenter writes from its own bucket.
+    t.api
+        .post(
+            &format!("/api/sessions/{}/start", p.session_id),
+            Some(&p.token),
+            json!({}),
+        )
+        .await
+        .expect(200);
+}
+
+pollcast_tests::on_both_backends!(
+    a_participant_over_the_write_limit_gets_429_and_changes_nothing,
+    anonymous_writes_over_the_address_limit_get_429,
+);
