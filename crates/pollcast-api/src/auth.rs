@@ -6,6 +6,7 @@ use axum::http::request::Parts;
 use pollcast_domain::{Claims, Domain, DomainError};
 
 use crate::ApiError;
+use crate::rate_limit::Verified;
 
 /// The verified claims of the request's bearer token; 401 without a valid one.
 pub struct Bearer(pub Claims);
@@ -33,6 +34,9 @@ impl FromRequestParts<Domain> for Bearer {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, domain: &Domain) -> Result<Self, ApiError> {
+        if let Some(Verified(claims)) = parts.extensions.remove::<Verified>() {
+            return Ok(Bearer(claims));
+        }
         let token = bearer(parts)?.ok_or(DomainError::Unauthorized("missing bearer token"))?;
         Ok(Bearer(domain.verify_token(token)?))
     }

@@ -21,7 +21,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
-use pollcast_domain::Domain;
+use pollcast_domain::{Claims, Domain};
 use uuid::Uuid;
 
 use crate::ApiError;
@@ -117,7 +117,8 @@ impl RateLimits {
             .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
     }
 
-    fn key_of(&self, request: &Request) -> Key {
+    /// The request's bucket, and its verified claims when it has a valid token.
+    fn key_of(&self, request: &Request) -> (Key, Option<Claims>) {
         let bearer = request
             .headers()
             .get(header::AUTHORIZATION)
@@ -126,28 +127,41 @@ impl RateLimits {
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .and_then(|(_, token)| self.domain.verify_token(token.trim()).ok());
         match bearer {
-            Some(claims) => Key::Holder(claims.session_id, claims.participant_id),
-            None => Key::Address(
-                request
+            Some(claims) => (
+                Key::Holder(claims.session_id, claims.participant_id),
+                Some(claims),
+            ),
+            None => {
+                let address = request
                     .extensions()
                     .get::<ConnectInfo<SocketAddr>>()
-                    .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip()),
-            ),
+                    .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+                (Key::Address(address), None)
+            }
         }
     }
 }
 
-/// Refuses a POST whose bucket is empty, before anything else runs.
+/// Refuses a POST whose bucket is empty, before anything else runs. The claims it
+/// verified travel on in the request, so the handler does not verify them again.
 pub async fn limit(
     State(limits): State<Arc<RateLimits>>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
-    if request.method() == Method::POST
-        && let Err(wait) = limits.check(&limits.key_of(&request))
-    {
-        metrics::counter!("pollcast_http_rate_limited_total").increment(1);
-        return ApiError::RateLimited { retry_after: wait }.into_response();
+    if request.method() == Method::POST {
+        let (key, claims) = limits.key_of(&request);
+        if let Err(wait) = limits.check(&key) {
+            metrics::counter!("pollcast_http_rate_limited_total").increment(1);
+            return ApiError::RateLimited { retry_after: wait }.into_response();
+        }
+        if let Some(claims) = claims {
+            request.extensions_mut().insert(Verified(claims));
+        }
     }
     next.run(request).await
 }
+
+/// Claims already verified for this request.
+#[derive(Clone)]
+pub(crate) struct Verified(pub(crate) Claims);
