@@ -223,3 +223,130 @@ async fn catch_up(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use pollcast_protocol::{DomainEvent, Timestamp};
+    use pollcast_stream::EmbeddedStream;
+
+    use super::*;
+
+    fn event(session: Uuid, position: u64, name: &str) -> SessionEvent {
+        SessionEvent {
+            session_id: session,
+            position,
+            timestamp: Timestamp::now(),
+            event: DomainEvent::ParticipantDisconnected {
+                participant_id: Uuid::now_v7(),
+                display_name: name.to_owned(),
+            },
+        }
+    }
+
+    fn presenter(format: WireFormat, limit: usize) -> (Member, mpsc::UnboundedReceiver<Queued>) {
+        let (queue, rx) = SendQueue::new(limit);
+        let member = Member {
+            presenter: true,
+            participant: None,
+            format,
+            queue,
+        };
+        (member, rx)
+    }
+
+    async fn received(rx: &mut mpsc::UnboundedReceiver<Queued>) -> Queued {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("queued in time")
+            .expect("queue open")
+    }
+
+    #[tokio::test]
+    async fn every_member_of_a_format_gets_the_same_encoded_bytes() {
+        let stream: Arc<dyn EventStream> = Arc::new(EmbeddedStream::default());
+        let rooms = Rooms::new(Arc::clone(&stream));
+        let session = Uuid::now_v7();
+        stream
+            .publish(event(session, 1, "setup"))
+            .await
+            .expect("publish");
+        let mut receivers = Vec::new();
+        for format in [
+            WireFormat::Json,
+            WireFormat::Json,
+            WireFormat::MessagePack,
+            WireFormat::MessagePack,
+        ] {
+            let (member, rx) = presenter(format, 1 << 20);
+            rooms
+                .join(session, Uuid::now_v7(), member)
+                .await
+                .expect("join");
+            receivers.push((format, rx));
+        }
+        stream
+            .publish(event(session, 2, "Ada"))
+            .await
+            .expect("publish");
+        let mut frames = Vec::new();
+        for (format, rx) in &mut receivers {
+            let frame = received(rx).await.expect("an event, not an overflow");
+            let bytes = frame.bytes(*format).expect("encodes").as_ptr();
+            frames.push((frame, bytes));
+        }
+        assert!(
+            Arc::ptr_eq(&frames[0].0, &frames[3].0),
+            "one event object for the room"
+        );
+        assert_eq!(frames[0].1, frames[1].1, "JSON members share one buffer");
+        assert_eq!(
+            frames[2].1, frames[3].1,
+            "MessagePack members share one buffer"
+        );
+        assert_ne!(frames[0].1, frames[2].1);
+    }
+
+    #[tokio::test]
+    async fn an_overflowing_member_is_dropped_and_the_others_go_on() {
+        let stream: Arc<dyn EventStream> = Arc::new(EmbeddedStream::default());
+        let rooms = Rooms::new(Arc::clone(&stream));
+        let session = Uuid::now_v7();
+        stream
+            .publish(event(session, 1, "setup"))
+            .await
+            .expect("publish");
+        let (slow, mut slow_rx) = presenter(WireFormat::Json, 300);
+        let overflowed = Arc::clone(&slow.queue.overflowed);
+        let (fast, mut fast_rx) = presenter(WireFormat::Json, 1 << 20);
+        rooms
+            .join(session, Uuid::now_v7(), slow)
+            .await
+            .expect("join");
+        rooms
+            .join(session, Uuid::now_v7(), fast)
+            .await
+            .expect("join");
+        for position in 2..=21 {
+            stream
+                .publish(event(session, position, "a fairly long display name"))
+                .await
+                .expect("publish");
+        }
+        for position in 2..=21 {
+            let frame = received(&mut fast_rx).await.expect("event");
+            assert_eq!(frame.position(), position);
+        }
+        assert!(overflowed.load(Ordering::Relaxed));
+        let mut slow_got = 0;
+        // Events until the overflow marker (`None`).
+        while received(&mut slow_rx).await.is_some() {
+            slow_got += 1;
+        }
+        assert!(
+            slow_got < 20,
+            "the slow member was cut off after {slow_got}"
+        );
+    }
+}
