@@ -170,7 +170,34 @@ async fn graceful_shutdown_leaves_no_participant_marked_connected(backend: Backe
     assert!(!row.connected, "the shutdown's disconnects were applied");
 }
 
+async fn a_pong_flood_reaches_the_domain_as_one_sign_of_life(backend: Backend) {
+    let stream = std::sync::Arc::new(pollcast_tests::stream::SwitchableStream::default());
+    let options = Options {
+        stream: stream.clone(),
+        ..Options::default()
+    };
+    let t = TestServer::start_with(backend, options).await;
+    let p = t.api.started_session().await;
+    let ada = t.api.join(&p.code, "Ada").await;
+    let mut presenter = connect(&t, &p, &p.token).await.listen();
+    let mut client = connect(&t, &p, &ada.token).await;
+    for _ in 0..200 {
+        client.pong().await;
+    }
+    client.close().await;
+    next_disconnect(&mut presenter).await;
+    use pollcast_protocol::PresenceKind;
+    assert_eq!(stream.reported(PresenceKind::Connected), 1);
+    assert_eq!(
+        stream.reported(PresenceKind::Seen),
+        1,
+        "one per heartbeat interval"
+    );
+    assert_eq!(stream.reported(PresenceKind::Disconnected), 1);
+}
+
 pollcast_tests::on_both_backends!(
+    a_pong_flood_reaches_the_domain_as_one_sign_of_life,
     graceful_shutdown_leaves_no_participant_marked_connected,
     silent_client_is_closed_with_4408_and_reported_disconnected,
     answered_heartbeats_keep_the_connection_and_move_last_seen,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
-use pollcast_protocol::{PresenceSignal, SessionEvent};
+use pollcast_protocol::{PresenceKind, PresenceSignal, SessionEvent};
 use pollcast_stream::{
     EmbeddedStream, EventStream, PresenceFeed, Published, ReadBatch, StreamError, Subscription,
 };
@@ -17,6 +17,8 @@ use uuid::Uuid;
 pub struct SwitchableStream {
     inner: EmbeddedStream,
     down: AtomicBool,
+    /// Presence signals reported, by kind: connected, seen, disconnected.
+    reported: [std::sync::atomic::AtomicUsize; 3],
 }
 
 impl SwitchableStream {
@@ -30,6 +32,11 @@ impl SwitchableStream {
     /// Switches the stream on or off.
     pub fn set_up(&self, up: bool) {
         self.down.store(!up, Ordering::SeqCst);
+    }
+
+    /// Presence signals of `kind` reported so far.
+    pub fn reported(&self, kind: PresenceKind) -> usize {
+        self.reported[kind as usize].load(Ordering::SeqCst)
     }
 
     fn check(&self) -> Result<(), StreamError> {
@@ -71,6 +78,7 @@ impl EventStream for SwitchableStream {
 
     async fn report_presence(&self, signal: PresenceSignal) -> Result<(), StreamError> {
         self.check()?;
+        self.reported[signal.kind as usize].fetch_add(1, Ordering::SeqCst);
         self.inner.report_presence(signal).await
     }
 

@@ -274,6 +274,7 @@ where
             config.heartbeat_interval,
         );
         let mut pong_deadline = Instant::now() + config.heartbeat_timeout;
+        let mut next_seen_report = Instant::now();
         loop {
             let sent = tokio::select! {
                 biased;
@@ -281,8 +282,14 @@ where
                 () = async { let _ = shutdown.wait_for(|&stop| stop).await; } => return End::Shutdown,
                 message = inbound.recv() => match message {
                     Some(Inbound::Pong) => {
-                        pong_deadline = Instant::now() + config.heartbeat_timeout;
-                        self.presence(PresenceKind::Seen).await;
+                        let now = Instant::now();
+                        pong_deadline = now + config.heartbeat_timeout;
+                        // At most one sign of life per interval reaches the domain,
+                        // however fast a client sends pongs.
+                        if now >= next_seen_report {
+                            next_seen_report = now + config.heartbeat_interval;
+                            self.presence(PresenceKind::Seen).await;
+                        }
                         Ok(())
                     }
                     Some(Inbound::Resume(text)) => match text.parse::<EventId>() {
