@@ -40,6 +40,10 @@ struct Args {
     /// `json` or `msgpack`.
     #[arg(long, default_value = "json")]
     format: String,
+    /// Use a running server (`http://127.0.0.1:PORT`, loopback only) instead of
+    /// starting one in this process. Start it with rate limits off.
+    #[arg(long)]
+    url: Option<String>,
 }
 
 /// Per-run hard limit, so a broken run cannot hang the machine.
@@ -132,6 +136,23 @@ fn now_millis() -> f64 {
 }
 
 async fn one_run(args: &Args, format: Format) -> anyhow::Result<Summary> {
+    match &args.url {
+        Some(url) => {
+            let addr: std::net::SocketAddr = url
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .parse()?;
+            anyhow::ensure!(
+                addr.ip().is_loopback(),
+                "the benchmark only targets loopback"
+            );
+            measure(args, format, addr).await
+        }
+        None => in_process_run(args, format).await,
+    }
+}
+
+async fn in_process_run(args: &Args, format: Format) -> anyhow::Result<Summary> {
     let dir = tempfile::tempdir()?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let settings = Settings {
@@ -157,7 +178,17 @@ async fn one_run(args: &Args, format: Format) -> anyhow::Result<Summary> {
         std::sync::Arc::new(EmbeddedStream::default()),
     )
     .await?;
-    let addr = server.addr();
+    let summary = measure(args, format, server.addr()).await;
+    server.shutdown().await?;
+    summary
+}
+
+/// One run against the server at `addr`: a fresh session, its clients, the events.
+async fn measure(
+    args: &Args,
+    format: Format,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<Summary> {
     let api = Api::new(format!("http://{addr}"));
     let presenter = api.started_session().await;
 
@@ -209,7 +240,6 @@ async fn one_run(args: &Args, format: Format) -> anyhow::Result<Summary> {
     for reader in readers {
         deliveries.extend(reader.await?);
     }
-    server.shutdown().await?;
     Ok(Summary {
         samples: deliveries.len(),
         delivery: Percentiles::of(deliveries),

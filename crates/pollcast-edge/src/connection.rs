@@ -273,7 +273,10 @@ where
             Instant::now() + config.heartbeat_interval,
             config.heartbeat_interval,
         );
-        let mut pong_deadline = Instant::now() + config.heartbeat_timeout;
+        // One timer for the whole connection, moved on each pong: building a new
+        // one per loop turn would register a timer for every event delivered.
+        let pong_deadline = tokio::time::sleep(config.heartbeat_timeout);
+        tokio::pin!(pong_deadline);
         let mut next_seen_report = Instant::now();
         loop {
             let sent = tokio::select! {
@@ -283,7 +286,7 @@ where
                 message = inbound.recv() => match message {
                     Some(Inbound::Pong) => {
                         let now = Instant::now();
-                        pong_deadline = now + config.heartbeat_timeout;
+                        pong_deadline.as_mut().reset(now + config.heartbeat_timeout);
                         // At most one sign of life per interval reaches the domain,
                         // however fast a client sends pongs.
                         if now >= next_seen_report {
@@ -314,7 +317,7 @@ where
                     None => return End::Gone,
                 },
                 _ = ping.tick() => self.out.send_connection(ConnectionEvent::Ping {}).await,
-                () = tokio::time::sleep_until(pong_deadline) => {
+                () = &mut pong_deadline => {
                     return End::Close(Close::new(4408, "heartbeat_timeout", "no heartbeat:pong in time"));
                 }
             };
