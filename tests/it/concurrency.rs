@@ -6,6 +6,7 @@ use pollcast_tests::{Backend, TestServer};
 use serde_json::json;
 
 async fn two_hundred_participants_voting_at_once_are_counted_exactly(backend: Backend) {
+    let _exclusive = pollcast_tests::exclusive().await;
     let t = TestServer::start(backend).await;
     let p = t.api.started_session().await;
     let poll = t.api.active_poll(&p).await;

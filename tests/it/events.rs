@@ -110,6 +110,7 @@ async fn presence_and_votes_go_only_to_those_the_contract_names(backend: Backend
 }
 
 async fn results_updated_follows_votes_within_100_ms(backend: Backend) {
+    let _exclusive = pollcast_tests::exclusive().await;
     let t = TestServer::start(backend).await;
     let p = t.api.started_session().await;
     let poll = t.api.active_poll(&p).await;

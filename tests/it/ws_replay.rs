@@ -167,6 +167,7 @@ async fn replay_works_across_a_restart_of_the_embedded_stream(format: Format) {
 /// reconnects with `lastEventId` again and again during a vote storm; both end
 /// with the same sequence of event ids, no gap, no repeat.
 async fn reconnecting_client_sees_exactly_what_a_connected_one_sees(format: Format) {
+    let _exclusive = pollcast_tests::exclusive().await;
     let t = TestServer::start(Backend::Sqlite).await;
     let p = t.api.started_session().await;
     let poll = t.api.active_poll(&p).await;

@@ -20,6 +20,7 @@ const LATENCY_BOUND: Duration = Duration::from_secs(3);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_client_is_closed_with_4500_and_the_room_goes_on() {
+    let _exclusive = pollcast_tests::exclusive().await;
     let options = Options {
         edge: EdgeConfig {
             send_queue_bytes: 32 * 1024,

@@ -59,3 +59,11 @@ macro_rules! in_both_formats {
         }
     };
 }
+
+/// Held by tests that load the machine (hundreds of clients) and by tests that
+/// assert latency bounds, so the two never run at the same time: a latency
+/// assertion should measure pollcast, not a neighbouring load test.
+pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
