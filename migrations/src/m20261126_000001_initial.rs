@@ -298,6 +298,17 @@ impl MigrationTrait for Migration {
                 "CREATE INDEX outbox_pending ON outbox (session_id, position) WHERE published_at IS NULL",
             )
             .await?;
+        // Start-up restores the last day of history into the embedded engine; without
+        // this index that would scan every event ever written.
+        manager
+            .create_index(
+                Index::create()
+                    .name("outbox_occurred")
+                    .table(Outbox::Table)
+                    .col(Outbox::OccurredAt)
+                    .to_owned(),
+            )
+            .await?;
         Ok(())
     }
 
