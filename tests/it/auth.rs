@@ -148,7 +148,7 @@ async fn participant_token_on_presenter_endpoints_is_forbidden(backend: Backend)
     ];
     for path in presenter_only {
         t.api
-            .post(&path, Some(&j.token), json!({}))
+            .act(&path, Some(&j.token))
             .await
             .expect_error(403, "forbidden");
     }

@@ -3,7 +3,6 @@
 use pollcast_protocol::{Audience, DomainEvent, SessionEvent};
 use pollcast_tests::client::{id_of, option_id};
 use pollcast_tests::{Backend, TestServer};
-use serde_json::json;
 use std::sync::Arc;
 use uuid::Uuid;
 
@@ -25,10 +24,9 @@ async fn a_session_s_life_produces_its_events_in_commit_order(backend: Backend) 
     // The coalesced update first, so the rest of the order is fixed.
     t.events_through(session, 6, "results:updated").await;
     t.api
-        .post(
+        .act(
             &format!("/api/sessions/{}/end", p.session_id),
             Some(&p.token),
-            json!({}),
         )
         .await
         .expect(200);
@@ -178,11 +176,7 @@ async fn last_results_before_poll_closed_equal_the_final_results(backend: Backen
     }
     // Close at once: the coalesced update is still pending.
     t.api
-        .post(
-            &format!("/api/polls/{poll_id}/close"),
-            Some(&p.token),
-            json!({}),
-        )
+        .act(&format!("/api/polls/{poll_id}/close"), Some(&p.token))
         .await
         .expect(200);
     let session: Uuid = p.session_id.parse().expect("uuid");

@@ -90,10 +90,9 @@ async fn poll_cannot_be_created_in_an_ended_session(backend: Backend) {
     let t = TestServer::start(backend).await;
     let p = t.api.started_session().await;
     t.api
-        .post(
+        .act(
             &format!("/api/sessions/{}/end", p.session_id),
             Some(&p.token),
-            json!({}),
         )
         .await
         .expect(200);
@@ -144,10 +143,9 @@ async fn activation_needs_a_started_session(backend: Backend) {
         .create_poll(&p, json!({ "question": "Q?", "options": ["A", "B"] }))
         .await;
     t.api
-        .post(
+        .act(
             &format!("/api/polls/{}/activate", id_of(&poll)),
             Some(&p.token),
-            json!({}),
         )
         .await
         .expect_error(409, "session_not_started");
@@ -164,33 +162,25 @@ async fn only_a_draft_poll_can_be_activated_and_only_an_active_one_closed(backen
     let activate = format!("/api/polls/{id}/activate");
     let close = format!("/api/polls/{id}/close");
     t.api
-        .post(&close, Some(&p.token), json!({}))
+        .act(&close, Some(&p.token))
         .await
         .expect_error(409, "invalid_state");
-    let active = t
-        .api
-        .post(&activate, Some(&p.token), json!({}))
-        .await
-        .expect(200);
+    let active = t.api.act(&activate, Some(&p.token)).await.expect(200);
     assert_eq!(active["status"], "active");
     assert!(active["activatedAt"].is_string());
     t.api
-        .post(&activate, Some(&p.token), json!({}))
+        .act(&activate, Some(&p.token))
         .await
         .expect_error(409, "invalid_state");
-    let closed = t
-        .api
-        .post(&close, Some(&p.token), json!({}))
-        .await
-        .expect(200);
+    let closed = t.api.act(&close, Some(&p.token)).await.expect(200);
     assert_eq!(closed["status"], "closed");
     assert!(closed["closedAt"].is_string());
     t.api
-        .post(&close, Some(&p.token), json!({}))
+        .act(&close, Some(&p.token))
         .await
         .expect_error(409, "invalid_state");
     t.api
-        .post(&activate, Some(&p.token), json!({}))
+        .act(&activate, Some(&p.token))
         .await
         .expect_error(409, "invalid_state");
 }
@@ -226,15 +216,11 @@ async fn unknown_or_malformed_poll_id_is_poll_not_found(backend: Backend) {
             .await
             .expect_error(404, "poll_not_found");
         t.api
-            .post(
-                &format!("/api/polls/{id}/activate"),
-                Some(&p.token),
-                json!({}),
-            )
+            .act(&format!("/api/polls/{id}/activate"), Some(&p.token))
             .await
             .expect_error(404, "poll_not_found");
         t.api
-            .post(&format!("/api/polls/{id}/close"), Some(&p.token), json!({}))
+            .act(&format!("/api/polls/{id}/close"), Some(&p.token))
             .await
             .expect_error(404, "poll_not_found");
         t.api

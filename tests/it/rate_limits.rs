@@ -115,10 +115,9 @@ async fn anonymous_writes_over_the_address_limit_get_429(backend: Backend) {
     );
     // The presenter writes from its own bucket.
     t.api
-        .post(
+        .act(
             &format!("/api/sessions/{}/start", p.session_id),
             Some(&p.token),
-            json!({}),
         )
         .await
         .expect(200);

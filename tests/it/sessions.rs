@@ -119,15 +119,11 @@ async fn start_moves_created_to_started_once(backend: Backend) {
     let t = TestServer::start(backend).await;
     let p = t.api.create_session("Town hall").await;
     let path = format!("/api/sessions/{}/start", p.session_id);
-    let body = t
-        .api
-        .post(&path, Some(&p.token), json!({}))
-        .await
-        .expect(200);
+    let body = t.api.act(&path, Some(&p.token)).await.expect(200);
     assert_eq!(body["status"], "started");
     assert!(body["startedAt"].is_string());
     t.api
-        .post(&path, Some(&p.token), json!({}))
+        .act(&path, Some(&p.token))
         .await
         .expect_error(409, "invalid_state");
 }
@@ -137,11 +133,7 @@ async fn end_closes_the_active_poll_and_cannot_repeat(backend: Backend) {
     let p = t.api.started_session().await;
     let poll = t.api.active_poll(&p).await;
     let path = format!("/api/sessions/{}/end", p.session_id);
-    let body = t
-        .api
-        .post(&path, Some(&p.token), json!({}))
-        .await
-        .expect(200);
+    let body = t.api.act(&path, Some(&p.token)).await.expect(200);
     assert_eq!(body["status"], "ended");
     assert!(body["endedAt"].is_string());
     assert_eq!(body["activePollId"], json!(null));
@@ -149,12 +141,12 @@ async fn end_closes_the_active_poll_and_cannot_repeat(backend: Backend) {
     let closed = t.api.get(&poll_path, Some(&p.token)).await.expect(200);
     assert_eq!(closed["status"], "closed");
     t.api
-        .post(&path, Some(&p.token), json!({}))
+        .act(&path, Some(&p.token))
         .await
         .expect_error(409, "session_ended");
     let start = format!("/api/sessions/{}/start", p.session_id);
     t.api
-        .post(&start, Some(&p.token), json!({}))
+        .act(&start, Some(&p.token))
         .await
         .expect_error(409, "invalid_state");
 }
@@ -197,10 +189,7 @@ async fn join_of_ended_session_is_session_ended(backend: Backend) {
     let t = TestServer::start(backend).await;
     let p = t.api.started_session().await;
     let end = format!("/api/sessions/{}/end", p.session_id);
-    t.api
-        .post(&end, Some(&p.token), json!({}))
-        .await
-        .expect(200);
+    t.api.act(&end, Some(&p.token)).await.expect(200);
     t.api
         .post(
             "/api/join",
@@ -260,10 +249,7 @@ async fn live_join_codes_are_unique_and_ended_sessions_release_theirs(backend: B
         "two live sessions must not share a code"
     );
     let end = format!("/api/sessions/{}/end", a.session_id);
-    t.api
-        .post(&end, Some(&a.token), json!({}))
-        .await
-        .expect(200);
+    t.api.act(&end, Some(&a.token)).await.expect(200);
     db.execute_unprepared(&give_b_the_code_of_a)
         .await
         .expect("an ended session's code is free again");

@@ -13,10 +13,9 @@ async fn multiple_poll(api: &Api, p: &Presenter, max_choices: u32) -> Value {
             json!({ "question": "Which?", "options": ["A", "B", "C", "D"], "kind": "multiple", "maxChoices": max_choices }),
         )
         .await;
-    api.post(
+    api.act(
         &format!("/api/polls/{}/activate", id_of(&poll)),
         Some(&p.token),
-        json!({}),
     )
     .await
     .expect(200)
@@ -124,10 +123,9 @@ async fn vote_on_draft_or_closed_poll_is_poll_not_active(backend: Backend) {
         .expect_error(409, "poll_not_active");
     let active = t.api.active_poll(&p).await;
     t.api
-        .post(
+        .act(
             &format!("/api/polls/{}/close", id_of(&active)),
             Some(&p.token),
-            json!({}),
         )
         .await
         .expect(200);
@@ -285,11 +283,7 @@ async fn results_are_final_once_the_poll_closes(backend: Backend) {
         .await
         .expect(201);
     t.api
-        .post(
-            &format!("/api/polls/{poll_id}/close"),
-            Some(&p.token),
-            json!({}),
-        )
+        .act(&format!("/api/polls/{poll_id}/close"), Some(&p.token))
         .await
         .expect(200);
     let r = t.api.results(&poll_id, &j.token).await;

@@ -223,10 +223,9 @@ async fn events_go_only_to_the_connections_the_contract_names(format: Format) {
         .expect_error(409, "already_voted");
     t.api.join(&p.code, "Cy").await;
     t.api
-        .post(
+        .act(
             &format!("/api/polls/{}/close", id_of(&poll)),
             Some(&p.token),
-            json!({}),
         )
         .await
         .expect(200);
@@ -334,10 +333,9 @@ async fn every_domain_event_reaches_its_audience(format: Format) {
     presenter.expect("connection:established").await;
     ada.expect("connection:established").await;
     t.api
-        .post(
+        .act(
             &format!("/api/sessions/{}/start", p.session_id),
             Some(&p.token),
-            json!({}),
         )
         .await
         .expect(200);
@@ -358,10 +356,9 @@ async fn every_domain_event_reaches_its_audience(format: Format) {
     let bob_ws = connect(&t, &p, &bob.token, format).await;
     drop(bob_ws);
     t.api
-        .post(
+        .act(
             &format!("/api/sessions/{}/end", p.session_id),
             Some(&p.token),
-            json!({}),
         )
         .await
         .expect(200);

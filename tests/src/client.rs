@@ -160,6 +160,12 @@ impl Api {
         self.send(Method::POST, path, token, Some(body), &[]).await
     }
 
+    /// POSTs an action that takes no body (`…/start`, `…/end`, `…/activate`,
+    /// `…/close`).
+    pub async fn act(&self, path: &str, token: Option<&str>) -> Reply {
+        self.post(path, token, json!({})).await
+    }
+
     /// Creates a session.
     pub async fn create_session(&self, title: &str) -> Presenter {
         let body = self
