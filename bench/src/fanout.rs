@@ -13,14 +13,10 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
-use pollcast::{Server, Settings};
-use pollcast_domain::DomainConfig;
-use pollcast_edge::EdgeConfig;
-use pollcast_stream::EmbeddedStream;
+use pollcast_bench::{BenchServer, Percentiles, median};
 use pollcast_tests::Api;
 use pollcast_tests::ws::{Format, WsClient, query};
 use serde_json::json;
-use tokio::net::TcpListener;
 
 #[derive(Parser, Debug)]
 #[command(about = "pollcast fan-out latency benchmark (loopback only)")]
@@ -68,11 +64,7 @@ async fn main() -> anyhow::Result<()> {
         println!("run {run}: {summary}");
         summaries.push(summary);
     }
-    let median = |pick: fn(&Summary) -> f64| {
-        let mut values: Vec<f64> = summaries.iter().map(pick).collect();
-        values.sort_by(f64::total_cmp);
-        values[values.len() / 2]
-    };
+    let median = |pick: fn(&Summary) -> f64| median(summaries.iter().map(pick).collect());
     println!(
         "median of {} runs: delivery p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms; commit (REST) p50 {:.1} ms, p99 {:.1} ms",
         summaries.len(),
@@ -84,26 +76,6 @@ async fn main() -> anyhow::Result<()> {
         median(|s| s.commit.p99),
     );
     Ok(())
-}
-
-struct Percentiles {
-    p50: f64,
-    p95: f64,
-    p99: f64,
-    max: f64,
-}
-
-impl Percentiles {
-    fn of(mut samples: Vec<f64>) -> Self {
-        samples.sort_by(f64::total_cmp);
-        let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
-        Self {
-            p50: at(0.50),
-            p95: at(0.95),
-            p99: at(0.99),
-            max: at(1.0),
-        }
-    }
 }
 
 struct Summary {
@@ -153,33 +125,9 @@ async fn one_run(args: &Args, format: Format) -> anyhow::Result<Summary> {
 }
 
 async fn in_process_run(args: &Args, format: Format) -> anyhow::Result<Summary> {
-    let dir = tempfile::tempdir()?;
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let settings = Settings {
-        database_url: format!(
-            "sqlite://{}?mode=rwc",
-            dir.path().join("bench.db").display()
-        ),
-        db_max_connections: 8,
-        secret: b"pollcast benchmark secret, loopback only".to_vec(),
-        domain: DomainConfig::default(),
-        metrics: None,
-        edge: EdgeConfig {
-            max_connections_per_participant: 5,
-            ..EdgeConfig::default()
-        },
-        single_node: true,
-        // The benchmark measures fan-out, not the limits.
-        rate_limits: pollcast_api::RateLimitConfig::OFF,
-    };
-    let server = Server::start(
-        listener,
-        settings,
-        std::sync::Arc::new(EmbeddedStream::default()),
-    )
-    .await?;
-    let summary = measure(args, format, server.addr()).await;
-    server.shutdown().await?;
+    let bench = BenchServer::start().await?;
+    let summary = measure(args, format, bench.server.addr()).await;
+    bench.server.shutdown().await?;
     summary
 }
 

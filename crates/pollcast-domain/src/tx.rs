@@ -29,20 +29,16 @@ impl SessionTx {
     /// Begins a transaction on `session_id`, locking its row.
     pub async fn begin(domain: &Domain, session_id: Uuid) -> DomainResult<Self> {
         let txn = domain.db().begin().await?;
-        let locked = session::Entity::update_many()
+        // One round trip: take the lock and read the row it locked.
+        let session = session::Entity::update_many()
             .col_expr(
                 session::Column::LastPosition,
                 Expr::col(session::Column::LastPosition),
             )
             .filter(session::Column::Id.eq(session_id))
-            .exec(&txn)
-            .await?;
-        if locked.rows_affected == 0 {
-            return Err(DomainError::SessionNotFound);
-        }
-        let session = session::Entity::find_by_id(session_id)
-            .one(&txn)
+            .exec_with_returning(&txn)
             .await?
+            .pop()
             .ok_or(DomainError::SessionNotFound)?;
         Ok(Self {
             txn,

@@ -1,0 +1,73 @@
+//! What the benchmark binaries share: an in-process server and percentiles.
+
+use std::sync::Arc;
+
+use pollcast::{Server, Settings};
+use pollcast_api::RateLimitConfig;
+use pollcast_domain::DomainConfig;
+use pollcast_edge::EdgeConfig;
+use pollcast_stream::EmbeddedStream;
+use tokio::net::TcpListener;
+
+/// A server on 127.0.0.1:0 with a SQLite file in a temp dir, the embedded stream
+/// and no rate limits (benchmarks measure the path, not the limits).
+pub struct BenchServer {
+    /// The server.
+    pub server: Server,
+    _dir: tempfile::TempDir,
+}
+
+impl BenchServer {
+    /// Starts one.
+    pub async fn start() -> anyhow::Result<BenchServer> {
+        let dir = tempfile::tempdir()?;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let settings = Settings {
+            database_url: format!(
+                "sqlite://{}?mode=rwc",
+                dir.path().join("bench.db").display()
+            ),
+            db_max_connections: 8,
+            secret: b"pollcast benchmark secret, loopback only".to_vec(),
+            domain: DomainConfig::default(),
+            metrics: None,
+            edge: EdgeConfig::default(),
+            single_node: true,
+            rate_limits: RateLimitConfig::OFF,
+        };
+        let server = Server::start(listener, settings, Arc::new(EmbeddedStream::default())).await?;
+        Ok(BenchServer { server, _dir: dir })
+    }
+}
+
+/// Percentiles of a sample, in the sample's unit.
+pub struct Percentiles {
+    /// Median.
+    pub p50: f64,
+    /// 95th percentile.
+    pub p95: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+impl Percentiles {
+    /// Percentiles of `samples` (nearest rank); panics on an empty sample.
+    pub fn of(mut samples: Vec<f64>) -> Self {
+        samples.sort_by(f64::total_cmp);
+        let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
+        Self {
+            p50: at(0.50),
+            p95: at(0.95),
+            p99: at(0.99),
+            max: at(1.0),
+        }
+    }
+}
+
+/// The median of `values`.
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
