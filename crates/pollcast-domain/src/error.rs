@@ -77,15 +77,6 @@ pub enum DomainError {
     Internal(String),
 }
 
-impl DomainError {
-    pub(crate) fn rejected(reason: VoteRejection, message: impl Into<String>) -> Self {
-        DomainError::VoteRejected {
-            reason,
-            message: message.into(),
-        }
-    }
-}
-
 impl From<sea_orm::DbErr> for DomainError {
     fn from(err: sea_orm::DbErr) -> Self {
         if pollcast_store::is_unavailable(&err) {

@@ -27,6 +27,7 @@ mod results;
 mod sessions;
 mod tx;
 pub mod validate;
+mod vote_batch;
 mod votes;
 
 pub use access::Access;
@@ -78,6 +79,8 @@ struct Inner {
     relay_wake: Arc<Notify>,
     /// Polls with a `results:updated` scheduled.
     results: results::Coalescer,
+    /// Each session's vote batch task.
+    votes: vote_batch::VoteBatches,
 }
 
 impl Domain {
@@ -96,6 +99,7 @@ impl Domain {
                 stream,
                 keys,
                 results: results::Coalescer::default(),
+                votes: vote_batch::VoteBatches::default(),
                 config,
                 relay_wake: Arc::new(Notify::new()),
             }),

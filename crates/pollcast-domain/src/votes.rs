@@ -1,14 +1,19 @@
 //! Voting: one vote per participant per poll (the database's unique index decides),
 //! option rules per poll kind, idempotent retries, and `vote:rejected` to the
 //! submitter for every refusal.
+//!
+//! What needs no lock is checked here, per request. What does (the poll still
+//! active, the vote not a second one, the idempotency key not answered yet) is
+//! decided in [`crate::vote_batch`], which commits many votes of a session in one
+//! transaction.
 
-use pollcast_protocol::{DomainEvent, Poll, PollKind, PollStatus, Vote};
-use pollcast_store::{idempotency_key, poll, vote, vote_choice};
-use sea_orm::{ActiveModelTrait, ActiveValue::Set, EntityTrait};
+use pollcast_protocol::{Poll, PollKind, PollStatus, Vote};
+use pollcast_store::idempotency_key;
+use sea_orm::{ConnectionTrait, EntityTrait};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::tx::SessionTx;
+use crate::vote_batch::Ballot;
 use crate::{Access, Claims, Domain, DomainError, DomainResult, VoteRejection, convert};
 
 /// Longest `Idempotency-Key` kept.
@@ -24,9 +29,9 @@ pub struct VoteRequest {
 }
 
 /// The first answer to a request with an idempotency key, as stored.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", tag = "outcome")]
-enum StoredAnswer {
+pub(crate) enum StoredAnswer {
     Accepted {
         vote: Vote,
     },
@@ -37,7 +42,7 @@ enum StoredAnswer {
 }
 
 impl StoredAnswer {
-    fn into_result(self) -> DomainResult<Vote> {
+    pub(crate) fn into_result(self) -> DomainResult<Vote> {
         match self {
             StoredAnswer::Accepted { vote } => Ok(vote),
             StoredAnswer::Rejected { reason, message } => {
@@ -55,220 +60,66 @@ impl Domain {
         poll_id: Uuid,
         request: VoteRequest,
     ) -> DomainResult<Vote> {
-        let key = request.idempotency_key.as_deref();
-        if key.is_some_and(|k| k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY) {
+        let key = request.idempotency_key;
+        if key
+            .as_deref()
+            .is_some_and(|k| k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY)
+        {
             return Err(DomainError::ValidationFailed(format!(
                 "Idempotency-Key must be 1–{MAX_IDEMPOTENCY_KEY} bytes"
             )));
         }
         let row = self.poll_row(claims, poll_id).await?;
         let participant_id = claims.require_participant(row.session_id)?;
-        if let Some(key) = key
-            && let Some(answer) = self.stored_answer(participant_id, key).await?
+        // A retry answered long ago needs no lock: answer it straight away.
+        if let Some(key) = key.as_deref()
+            && let Some(answer) = stored_answer(self.db(), participant_id, key).await?
         {
             return answer.into_result();
         }
         let poll = convert::poll(&row)?;
-        let outcome = self
-            .try_vote(&poll, participant_id, &request.option_ids, key)
-            .await;
-        match outcome {
-            Ok(Attempt::Cast(vote)) => Ok(vote),
-            Ok(Attempt::KeyTaken) => {
-                // A concurrent request with the same key committed first; its answer
-                // is the answer.
-                let key = key.unwrap_or_default();
-                match self.stored_answer(participant_id, key).await? {
-                    Some(first) => first.into_result(),
-                    None => Err(DomainError::Internal("idempotency key vanished".into())),
-                }
-            }
-            Err(DomainError::VoteRejected { reason, message }) => {
-                if let Some(key) = key {
-                    let answer = StoredAnswer::Rejected {
-                        reason,
-                        message: message.clone(),
-                    };
-                    if let Some(first) = self.store_answer(participant_id, key, &answer).await? {
-                        // A concurrent request with the same key answered first.
-                        return first.into_result();
-                    }
-                }
-                self.emit_rejection(&poll, participant_id, reason, &message)
-                    .await?;
-                Err(DomainError::VoteRejected { reason, message })
-            }
-            Err(other) => Err(other),
-        }
-    }
-
-    /// The vote transaction: poll still active, options valid, insert (the unique
-    /// index refuses a second vote), emit `vote:accepted`.
-    async fn try_vote(
-        &self,
-        poll: &Poll,
-        participant_id: Uuid,
-        raw_options: &[String],
-        key: Option<&str>,
-    ) -> DomainResult<Attempt> {
-        let mut tx = SessionTx::begin(self, poll.session_id).await?;
-        let current = poll::Entity::find_by_id(poll.id)
-            .one(&tx.txn)
-            .await?
-            .ok_or(DomainError::PollNotFound)?;
-        if convert::parse::<PollStatus>(&current.status)? != PollStatus::Active {
-            return Err(DomainError::rejected(
+        // A poll read as inactive here is refused without the lock (it can only have
+        // been activated since in a race the client cannot tell apart); a poll read as
+        // active is checked again under the lock.
+        let choice = if poll.status == PollStatus::Active {
+            check_options(&poll, &request.option_ids)
+        } else {
+            Err((
                 VoteRejection::PollNotActive,
-                format!("poll {} is {}", poll.id, current.status),
-            ));
-        }
-        let option_ids = check_options(poll, raw_options)?;
-        let vote = Vote {
-            id: Uuid::now_v7(),
+                format!("poll {} is {}", poll.id, poll.status.as_str()),
+            ))
+        };
+        let ballot = Ballot {
+            session_id: poll.session_id,
             poll_id: poll.id,
             participant_id,
-            option_ids,
-            created_at: tx.now,
+            choice,
+            key,
         };
-        let inserted = vote::ActiveModel {
-            id: Set(vote.id),
-            poll_id: Set(vote.poll_id),
-            participant_id: Set(participant_id),
-            option_ids: Set(serde_json::to_string(&vote.option_ids)?),
-            created_at: Set(tx.now.datetime()),
-        }
-        .insert(&tx.txn)
-        .await;
-        match inserted {
-            Ok(_) => {}
-            Err(err) if pollcast_store::is_unique_violation(&err) => {
-                return Err(DomainError::rejected(
-                    VoteRejection::AlreadyVoted,
-                    format!(
-                        "participant {participant_id} has already voted on poll {}",
-                        poll.id
-                    ),
-                ));
-            }
-            Err(err) => return Err(err.into()),
-        }
-        let choices = vote
-            .option_ids
-            .iter()
-            .map(|&option_id| vote_choice::ActiveModel {
-                vote_id: Set(vote.id),
-                option_id: Set(option_id),
-                poll_id: Set(poll.id),
-            });
-        vote_choice::Entity::insert_many(choices)
-            .exec(&tx.txn)
-            .await?;
-        if let Some(key) = key {
-            let answer = StoredAnswer::Accepted { vote: vote.clone() };
-            let stored = key_row(participant_id, key, &answer, &tx)?
-                .insert(&tx.txn)
-                .await;
-            match stored {
-                Ok(_) => {}
-                Err(err) if pollcast_store::is_unique_violation(&err) => {
-                    return Ok(Attempt::KeyTaken);
-                }
-                Err(err) => return Err(err.into()),
-            }
-        }
-        tx.emit(DomainEvent::VoteAccepted { vote: vote.clone() });
-        tx.commit(self).await?;
-        metrics::counter!("pollcast_votes_accepted_total").increment(1);
-        self.vote_committed(poll.session_id, poll.id);
-        Ok(Attempt::Cast(vote))
-    }
-
-    async fn stored_answer(
-        &self,
-        participant_id: Uuid,
-        key: &str,
-    ) -> DomainResult<Option<StoredAnswer>> {
-        let row = idempotency_key::Entity::find_by_id((participant_id, key.to_owned()))
-            .one(self.db())
-            .await?;
-        row.map(|r| serde_json::from_str(&r.answer).map_err(DomainError::from))
-            .transpose()
-    }
-
-    /// Stores a rejection under the key; if the key already has an answer, returns
-    /// that one instead.
-    async fn store_answer(
-        &self,
-        participant_id: Uuid,
-        key: &str,
-        answer: &StoredAnswer,
-    ) -> DomainResult<Option<StoredAnswer>> {
-        let row = idempotency_key::ActiveModel {
-            participant_id: Set(participant_id),
-            key: Set(key.to_owned()),
-            answer: Set(serde_json::to_string(answer)?),
-            created_at: Set(chrono::Utc::now()),
-        };
-        match row.insert(self.db()).await {
-            Ok(_) => Ok(None),
-            Err(err) if pollcast_store::is_unique_violation(&err) => {
-                self.stored_answer(participant_id, key).await
-            }
-            Err(err) => Err(err.into()),
-        }
-    }
-
-    /// Sends `vote:rejected` to the submitter's connections (through the stream, in
-    /// the session's order, like every other event).
-    async fn emit_rejection(
-        &self,
-        poll: &Poll,
-        participant_id: Uuid,
-        reason: VoteRejection,
-        message: &str,
-    ) -> DomainResult<()> {
-        let mut tx = SessionTx::begin(self, poll.session_id).await?;
-        tx.emit(DomainEvent::VoteRejected {
-            poll_id: poll.id,
-            participant_id,
-            reason: reason.code().to_owned(),
-            message: message.to_owned(),
-        });
-        metrics::counter!("pollcast_votes_rejected_total", "reason" => reason.code()).increment(1);
-        tx.commit(self).await
+        self.cast(ballot).await
     }
 }
 
-/// What the vote transaction did when it did not refuse the vote.
-enum Attempt {
-    /// The vote was committed.
-    Cast(Vote),
-    /// Another request with the same idempotency key committed first; nothing was
-    /// written by this one.
-    KeyTaken,
-}
-
-fn key_row(
+/// The stored first answer to `key` of `participant_id`, if there is one.
+pub(crate) async fn stored_answer<C: ConnectionTrait>(
+    conn: &C,
     participant_id: Uuid,
     key: &str,
-    answer: &StoredAnswer,
-    tx: &SessionTx,
-) -> DomainResult<idempotency_key::ActiveModel> {
-    Ok(idempotency_key::ActiveModel {
-        participant_id: Set(participant_id),
-        key: Set(key.to_owned()),
-        answer: Set(serde_json::to_string(answer)?),
-        created_at: Set(tx.now.datetime()),
-    })
+) -> DomainResult<Option<StoredAnswer>> {
+    let row = idempotency_key::Entity::find_by_id((participant_id, key.to_owned()))
+        .one(conn)
+        .await?;
+    row.map(|r| serde_json::from_str(&r.answer).map_err(DomainError::from))
+        .transpose()
 }
 
 /// Applies the poll's option rules, in the order a client would fix them: choose
 /// something, choose it once, choose real options, not too many.
-fn check_options(poll: &Poll, raw: &[String]) -> DomainResult<Vec<Uuid>> {
+fn check_options(poll: &Poll, raw: &[String]) -> Result<Vec<Uuid>, (VoteRejection, String)> {
     if raw.is_empty() {
-        return Err(DomainError::rejected(
+        return Err((
             VoteRejection::ValidationFailed,
-            "choose at least one option",
+            "choose at least one option".to_owned(),
         ));
     }
     let mut chosen = Vec::with_capacity(raw.len());
@@ -277,13 +128,13 @@ fn check_options(poll: &Poll, raw: &[String]) -> DomainResult<Vec<Uuid>> {
             .ok()
             .filter(|id| poll.options.iter().any(|o| o.id == *id))
             .ok_or_else(|| {
-                DomainError::rejected(
+                (
                     VoteRejection::InvalidOption,
                     format!("{text:?} is not an option of poll {}", poll.id),
                 )
             })?;
         if chosen.contains(&id) {
-            return Err(DomainError::rejected(
+            return Err((
                 VoteRejection::ValidationFailed,
                 format!("option {id} chosen twice"),
             ));
@@ -295,7 +146,7 @@ fn check_options(poll: &Poll, raw: &[String]) -> DomainResult<Vec<Uuid>> {
         PollKind::Multiple => usize::try_from(poll.max_choices).unwrap_or(usize::MAX),
     };
     if chosen.len() > max {
-        return Err(DomainError::rejected(
+        return Err((
             VoteRejection::TooManyChoices,
             format!(
                 "poll {} takes at most {max} options, got {}",

@@ -1,0 +1,301 @@
+//! Group commit for votes: many votes of one session in one transaction.
+//!
+//! Every change to a session runs under the session's row lock; that lock is what
+//! gives the session one total order, and it makes a session's writes serial. One
+//! transaction per vote would cap a session at what one transaction per vote costs
+//! (about 1.3 k votes/s on SQLite, see `docs/benchmarks.md`), while a keynote's
+//! audience votes within seconds. So each session has one batch task per process:
+//! votes queue for it while it commits, and it commits everything queued, up to
+//! [`MAX_BATCH`], in the next transaction: one lock, one outbox write, one commit.
+//! An idle session's task ends after [`IDLE`].
+//!
+//! Inside the transaction each ballot is decided exactly as a transaction of its
+//! own would decide it: the idempotency key (already answered → that answer, no
+//! event), the poll still active, the vote not a second one (`ON CONFLICT DO
+//! NOTHING` on the one-vote index, so a refusal does not abort the batch), then
+//! `vote:accepted` or `vote:rejected` and the key's answer.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use pollcast_protocol::{DomainEvent, PollStatus, Vote};
+use pollcast_store::{idempotency_key, poll, vote, vote_choice};
+use sea_orm::sea_query::OnConflict;
+use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::tx::SessionTx;
+use crate::votes::{StoredAnswer, stored_answer};
+use crate::{Domain, DomainError, DomainResult, VoteRejection};
+
+/// Most votes committed in one transaction.
+const MAX_BATCH: usize = 256;
+/// Votes that may wait for a session's batch task before callers wait to queue.
+const QUEUE: usize = 4096;
+/// How long a session's batch task lives without votes.
+const IDLE: Duration = Duration::from_secs(10);
+
+/// A vote as far as it could be decided without the session lock.
+pub(crate) struct Ballot {
+    pub session_id: Uuid,
+    pub poll_id: Uuid,
+    pub participant_id: Uuid,
+    /// The options chosen, or why the vote is refused whatever the lock shows.
+    pub choice: Result<Vec<Uuid>, (VoteRejection, String)>,
+    pub key: Option<String>,
+}
+
+/// A ballot waiting for its batch, and where its answer goes.
+struct Pending {
+    ballot: Ballot,
+    answer: oneshot::Sender<DomainResult<Vote>>,
+}
+
+/// The batch task of each session with votes in flight.
+#[derive(Default)]
+pub(crate) struct VoteBatches {
+    queues: Mutex<HashMap<Uuid, mpsc::Sender<Pending>>>,
+}
+
+impl VoteBatches {
+    fn queues(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, mpsc::Sender<Pending>>> {
+        self.queues.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Domain {
+    /// Queues a ballot for its session's next batch and waits for its answer.
+    pub(crate) async fn cast(&self, ballot: Ballot) -> DomainResult<Vote> {
+        let session_id = ballot.session_id;
+        let (answer, answered) = oneshot::channel();
+        let mut pending = Pending { ballot, answer };
+        loop {
+            let queue = {
+                let mut queues = self.inner.votes.queues();
+                queues
+                    .entry(session_id)
+                    .or_insert_with(|| {
+                        let (queue, ballots) = mpsc::channel(QUEUE);
+                        tokio::spawn(run(self.clone(), session_id, ballots, queue.clone()));
+                        queue
+                    })
+                    .clone()
+            };
+            match queue.send(pending).await {
+                Ok(()) => break,
+                // The task retired between our lookup and the send: start again.
+                Err(mpsc::error::SendError(back)) => pending = back,
+            }
+        }
+        answered
+            .await
+            .unwrap_or_else(|_| Err(DomainError::Internal("vote batch task ended".into())))
+    }
+}
+
+/// The batch task of one session.
+async fn run(
+    domain: Domain,
+    session_id: Uuid,
+    mut ballots: mpsc::Receiver<Pending>,
+    me: mpsc::Sender<Pending>,
+) {
+    loop {
+        let first = match tokio::time::timeout(IDLE, ballots.recv()).await {
+            Ok(Some(first)) => first,
+            _ => break,
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match ballots.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        domain.commit_batch(session_id, batch).await;
+    }
+    // Retire: no new sender finds this queue, no sender can add to it, and what
+    // is already in it is still committed.
+    {
+        let mut queues = domain.inner.votes.queues();
+        if queues.get(&session_id).is_some_and(|q| q.same_channel(&me)) {
+            queues.remove(&session_id);
+        }
+    }
+    drop(me);
+    ballots.close();
+    let mut rest = Vec::new();
+    while let Some(pending) = ballots.recv().await {
+        rest.push(pending);
+        if rest.len() == MAX_BATCH {
+            domain
+                .commit_batch(session_id, std::mem::take(&mut rest))
+                .await;
+        }
+    }
+    if !rest.is_empty() {
+        domain.commit_batch(session_id, rest).await;
+    }
+}
+
+impl Domain {
+    /// Commits one batch and answers every ballot in it.
+    async fn commit_batch(&self, session_id: Uuid, batch: Vec<Pending>) {
+        metrics::histogram!("pollcast_vote_batch_size").record(batch.len() as f64);
+        let (ballots, answers): (Vec<Ballot>, Vec<_>) =
+            batch.into_iter().map(|p| (p.ballot, p.answer)).unzip();
+        match self.write_batch(session_id, &ballots).await {
+            Ok((outcomes, accepted_polls)) => {
+                for (answer, outcome) in answers.into_iter().zip(outcomes) {
+                    let _ = answer.send(outcome);
+                }
+                for poll_id in accepted_polls {
+                    self.vote_committed(session_id, poll_id);
+                }
+            }
+            Err(err) => {
+                tracing::warn!(%session_id, error = %err, "vote batch failed");
+                for answer in answers {
+                    let _ = answer.send(Err(copy_of(&err)));
+                }
+            }
+        }
+    }
+
+    /// The batch transaction; returns each ballot's answer and the polls that got
+    /// votes.
+    async fn write_batch(
+        &self,
+        session_id: Uuid,
+        ballots: &[Ballot],
+    ) -> DomainResult<(Vec<DomainResult<Vote>>, HashSet<Uuid>)> {
+        let mut tx = SessionTx::begin(self, session_id).await?;
+        let polls: HashSet<Uuid> = ballots.iter().map(|b| b.poll_id).collect();
+        let active: HashSet<Uuid> = poll::Entity::find()
+            .filter(poll::Column::Id.is_in(polls))
+            .filter(poll::Column::Status.eq(PollStatus::Active.as_str()))
+            .all(&tx.txn)
+            .await?
+            .into_iter()
+            .map(|p| p.id)
+            .collect();
+        // Keys answered earlier in this batch (a retry queued behind its original).
+        let mut answered: HashMap<(Uuid, &str), StoredAnswer> = HashMap::new();
+        let mut outcomes = Vec::with_capacity(ballots.len());
+        let mut accepted_polls = HashSet::new();
+        for ballot in ballots {
+            if let Some(key) = ballot.key.as_deref() {
+                let earlier = match answered.get(&(ballot.participant_id, key)) {
+                    Some(answer) => Some(answer.clone()),
+                    None => stored_answer(&tx.txn, ballot.participant_id, key).await?,
+                };
+                if let Some(answer) = earlier {
+                    outcomes.push(answer.into_result());
+                    continue;
+                }
+            }
+            let answer = match &ballot.choice {
+                Err((reason, message)) => StoredAnswer::Rejected {
+                    reason: *reason,
+                    message: message.clone(),
+                },
+                Ok(_) if !active.contains(&ballot.poll_id) => StoredAnswer::Rejected {
+                    reason: VoteRejection::PollNotActive,
+                    message: format!("poll {} is not active", ballot.poll_id),
+                },
+                Ok(options) => insert_vote(&tx, ballot, options).await?,
+            };
+            match &answer {
+                StoredAnswer::Accepted { vote } => {
+                    accepted_polls.insert(ballot.poll_id);
+                    tx.emit(DomainEvent::VoteAccepted { vote: vote.clone() });
+                }
+                StoredAnswer::Rejected { reason, message } => {
+                    metrics::counter!("pollcast_votes_rejected_total", "reason" => reason.code())
+                        .increment(1);
+                    tx.emit(DomainEvent::VoteRejected {
+                        poll_id: ballot.poll_id,
+                        participant_id: ballot.participant_id,
+                        reason: reason.code().to_owned(),
+                        message: message.clone(),
+                    });
+                }
+            }
+            if let Some(key) = ballot.key.as_deref() {
+                idempotency_key::Entity::insert(idempotency_key::ActiveModel {
+                    participant_id: Set(ballot.participant_id),
+                    key: Set(key.to_owned()),
+                    answer: Set(serde_json::to_string(&answer)?),
+                    created_at: Set(tx.now.datetime()),
+                })
+                .exec_without_returning(&tx.txn)
+                .await?;
+                answered.insert((ballot.participant_id, key), answer.clone());
+            }
+            outcomes.push(answer.into_result());
+        }
+        tx.commit(self).await?;
+        let accepted = outcomes.iter().filter(|o| o.is_ok()).count();
+        metrics::counter!("pollcast_votes_accepted_total").increment(accepted as u64);
+        Ok((outcomes, accepted_polls))
+    }
+}
+
+/// Inserts the vote unless the participant already voted on the poll (the unique
+/// index decides; `DO NOTHING` keeps the batch's transaction alive).
+async fn insert_vote(
+    tx: &SessionTx,
+    ballot: &Ballot,
+    options: &[Uuid],
+) -> DomainResult<StoredAnswer> {
+    let vote = Vote {
+        id: Uuid::now_v7(),
+        poll_id: ballot.poll_id,
+        participant_id: ballot.participant_id,
+        option_ids: options.to_vec(),
+        created_at: tx.now,
+    };
+    let inserted = vote::Entity::insert(vote::ActiveModel {
+        id: Set(vote.id),
+        poll_id: Set(vote.poll_id),
+        participant_id: Set(vote.participant_id),
+        option_ids: Set(serde_json::to_string(&vote.option_ids)?),
+        created_at: Set(tx.now.datetime()),
+    })
+    .on_conflict(
+        OnConflict::columns([vote::Column::PollId, vote::Column::ParticipantId])
+            .do_nothing()
+            .to_owned(),
+    )
+    .exec_without_returning(&tx.txn)
+    .await?;
+    if inserted == 0 {
+        return Ok(StoredAnswer::Rejected {
+            reason: VoteRejection::AlreadyVoted,
+            message: format!(
+                "participant {} has already voted on poll {}",
+                ballot.participant_id, ballot.poll_id
+            ),
+        });
+    }
+    let choices = options.iter().map(|&option_id| vote_choice::ActiveModel {
+        vote_id: Set(vote.id),
+        option_id: Set(option_id),
+        poll_id: Set(vote.poll_id),
+    });
+    vote_choice::Entity::insert_many(choices)
+        .exec_without_returning(&tx.txn)
+        .await?;
+    Ok(StoredAnswer::Accepted { vote })
+}
+
+/// The answer for every ballot of a failed batch.
+fn copy_of(err: &DomainError) -> DomainError {
+    match err {
+        DomainError::Unavailable(what) => DomainError::Unavailable(what.clone()),
+        DomainError::SessionNotFound => DomainError::SessionNotFound,
+        other => DomainError::Internal(other.to_string()),
+    }
+}
