@@ -85,8 +85,18 @@ impl Domain {
             };
             match queue.send(pending).await {
                 Ok(()) => break,
-                // The task retired between our lookup and the send: start again.
-                Err(mpsc::error::SendError(back)) => pending = back,
+                // The task retired between our lookup and the send (or died):
+                // forget its queue if it is still listed, and start again.
+                Err(mpsc::error::SendError(back)) => {
+                    let mut queues = self.inner.votes.queues();
+                    if queues
+                        .get(&session_id)
+                        .is_some_and(|q| q.same_channel(&queue))
+                    {
+                        queues.remove(&session_id);
+                    }
+                    pending = back;
+                }
             }
         }
         answered
