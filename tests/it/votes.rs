@@ -291,7 +291,42 @@ async fn results_are_final_once_the_poll_closes(backend: Backend) {
     assert_eq!(r["options"][2]["votes"], 1);
 }
 
+async fn votes_stay_correct_while_batch_tasks_retire_and_restart(backend: Backend) {
+    let options = pollcast_tests::server::Options {
+        domain: pollcast_domain::DomainConfig {
+            vote_batch_idle: std::time::Duration::from_millis(10),
+            ..pollcast_domain::DomainConfig::default()
+        },
+        ..pollcast_tests::server::Options::default()
+    };
+    let t = TestServer::start_with(backend, options).await;
+    let p = t.api.started_session().await;
+    let poll = t.api.active_poll(&p).await;
+    let poll_id = id_of(&poll);
+    let mut voters = Vec::new();
+    for i in 0..5 {
+        let voter = t.api.join(&p.code, &format!("voter {i}")).await;
+        t.api
+            .vote(&poll_id, &voter.token, &[&option_id(&poll, 0)])
+            .await
+            .expect(201);
+        voters.push(voter);
+        // Time passes with no votes: the session's batch task retires, and the
+        // next vote starts a new one.
+        tokio::time::sleep(std::time::Duration::from_millis(40)).await;
+    }
+    for voter in &voters {
+        t.api
+            .vote(&poll_id, &voter.token, &[&option_id(&poll, 1)])
+            .await
+            .expect_error(409, "already_voted");
+    }
+    let results = t.api.results(&poll_id, &p.token).await;
+    assert_eq!(vote_counts(&results), vec![5, 0, 0]);
+}
+
 pollcast_tests::on_both_backends!(
+    votes_stay_correct_while_batch_tasks_retire_and_restart,
     accepted_vote_answers_201_and_counts,
     second_vote_on_same_poll_is_rejected_with_already_voted,
     rejected_vote_sends_vote_rejected_to_the_submitter_alone,

@@ -51,6 +51,8 @@ pub struct DomainConfig {
     pub admin_key: Option<String>,
     /// How often heartbeat answers are written to `lastSeenAt` (in one batch).
     pub presence_flush: Duration,
+    /// How long a session's vote batch task waits for votes before it retires.
+    pub vote_batch_idle: Duration,
 }
 
 impl Default for DomainConfig {
@@ -60,6 +62,7 @@ impl Default for DomainConfig {
             results_interval: Duration::from_millis(50),
             admin_key: None,
             presence_flush: Duration::from_secs(1),
+            vote_batch_idle: Duration::from_secs(10),
         }
     }
 }

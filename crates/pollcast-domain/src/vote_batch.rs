@@ -7,7 +7,7 @@
 //! audience votes within seconds. So each session has one batch task per process:
 //! votes queue for it while it commits, and it commits everything queued, up to
 //! [`MAX_BATCH`], in the next transaction: one lock, one outbox write, one commit.
-//! An idle session's task ends after [`IDLE`].
+//! An idle session's task ends after `DomainConfig::vote_batch_idle`.
 //!
 //! Inside the transaction each ballot is decided exactly as a transaction of its
 //! own would decide it: the idempotency key (already answered → that answer, no
@@ -15,14 +15,12 @@
 //! NOTHING` on the one-vote index, so a refusal does not abort the batch), then
 //! `vote:accepted` or `vote:rejected` and the key's answer.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
-use std::time::Duration;
-
 use pollcast_protocol::{DomainEvent, PollStatus, Vote};
 use pollcast_store::{idempotency_key, poll, vote, vote_choice};
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter};
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -34,8 +32,6 @@ use crate::{Domain, DomainError, DomainResult, VoteRejection};
 const MAX_BATCH: usize = 256;
 /// Votes that may wait for a session's batch task before callers wait to queue.
 const QUEUE: usize = 4096;
-/// How long a session's batch task lives without votes.
-const IDLE: Duration = Duration::from_secs(10);
 
 /// A vote as far as it could be decided without the session lock.
 pub(crate) struct Ballot {
@@ -112,8 +108,9 @@ async fn run(
     mut ballots: mpsc::Receiver<Pending>,
     me: mpsc::Sender<Pending>,
 ) {
+    let idle = domain.inner.config.vote_batch_idle;
     loop {
-        let first = match tokio::time::timeout(IDLE, ballots.recv()).await {
+        let first = match tokio::time::timeout(idle, ballots.recv()).await {
             Ok(Some(first)) => first,
             _ => break,
         };

@@ -142,6 +142,7 @@ impl ServeArgs {
             results_interval: Duration::from_millis(self.results_interval_ms),
             admin_key: self.admin_key.clone(),
             presence_flush: Duration::from_millis(self.presence_flush_ms.max(1)),
+            ..DomainConfig::default()
         }
     }
 
