@@ -263,8 +263,8 @@ mod tests {
             .expect("queue open")
     }
 
-    #[tokio::test]
-    async fn every_member_of_a_format_gets_the_same_encoded_bytes() {
+    /// An embedded stream holding one event of a new session, and its rooms.
+    async fn session_with_one_event() -> (Arc<dyn EventStream>, Rooms, Uuid) {
         let stream: Arc<dyn EventStream> = Arc::new(EmbeddedStream::default());
         let rooms = Rooms::new(Arc::clone(&stream));
         let session = Uuid::now_v7();
@@ -272,6 +272,12 @@ mod tests {
             .publish(event(session, 1, "setup"))
             .await
             .expect("publish");
+        (stream, rooms, session)
+    }
+
+    #[tokio::test]
+    async fn every_member_of_a_format_gets_the_same_encoded_bytes() {
+        let (stream, rooms, session) = session_with_one_event().await;
         let mut receivers = Vec::new();
         for format in [
             WireFormat::Json,
@@ -310,13 +316,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_overflowing_member_is_dropped_and_the_others_go_on() {
-        let stream: Arc<dyn EventStream> = Arc::new(EmbeddedStream::default());
-        let rooms = Rooms::new(Arc::clone(&stream));
-        let session = Uuid::now_v7();
-        stream
-            .publish(event(session, 1, "setup"))
-            .await
-            .expect("publish");
+        let (stream, rooms, session) = session_with_one_event().await;
         let (slow, mut slow_rx) = presenter(WireFormat::Json, 300);
         let overflowed = Arc::clone(&slow.queue.overflowed);
         let (fast, mut fast_rx) = presenter(WireFormat::Json, 1 << 20);
