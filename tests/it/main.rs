@@ -9,6 +9,7 @@ mod outbox;
 mod polls;
 mod rate_limits;
 mod sessions;
+mod stream_jetstream;
 mod votes;
 mod ws_connection;
 mod ws_presence;

@@ -1,9 +1,10 @@
-//! Harness for pollcast's end-to-end tests: a real PostgreSQL cluster started by the
-//! tests themselves, servers started in-process on `127.0.0.1:0` against SQLite or
+//! Harness for pollcast's end-to-end tests: a real PostgreSQL cluster and real
+//! nats-server processes started by the tests themselves, servers started in-process on `127.0.0.1:0` against SQLite or
 //! PostgreSQL, an HTTP client speaking the contract, and a stream wrapper that can
 //! be switched off to simulate an outage.
 
 pub mod client;
+pub mod nats;
 pub mod postgres;
 pub mod server;
 pub mod stream;

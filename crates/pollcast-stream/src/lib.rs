@@ -6,8 +6,9 @@
 //! exactly once and in order; the stream refuses gaps and ignores repeats, which is
 //! what makes the relay's at-least-once publishing exactly-once in the log.
 //!
-//! Engines: [`embedded::EmbeddedStream`] (in-process, the default). Every engine must
-//! pass the [`conformance`] suite.
+//! Engines: [`embedded::EmbeddedStream`] (in-process, the default) and
+//! [`jetstream::JetStreamStream`] (NATS JetStream, for several processes). Every
+//! engine must pass the [`conformance`] suite; [`connect`] builds the configured one.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,8 +19,10 @@ use uuid::Uuid;
 
 pub mod conformance;
 pub mod embedded;
+pub mod jetstream;
 
 pub use embedded::EmbeddedStream;
+pub use jetstream::{JetStreamStream, NatsConfig};
 
 /// What publishing did with an event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,6 +92,9 @@ pub enum StreamError {
     /// The engine cannot be reached.
     #[error("event stream unavailable: {0}")]
     Unavailable(String),
+    /// The engine holds something that is not a pollcast event.
+    #[error("event stream holds an undecodable message: {0}")]
+    Corrupt(String),
 }
 
 /// Live events of one session, from the moment of subscribing on.
@@ -143,4 +149,30 @@ pub trait EventStream: Send + Sync + 'static {
 
     /// Subscribes to the presence signals of every edge.
     async fn presence(&self) -> Result<PresenceFeed, StreamError>;
+}
+
+/// Which engine to run, and how much history it keeps.
+#[derive(Clone, Debug, Default)]
+pub struct StreamConfig {
+    /// History kept per session.
+    pub retention: Retention,
+    /// `Some`: the JetStream engine on these servers; `None`: the embedded engine.
+    pub nats: Option<NatsConfig>,
+}
+
+impl StreamConfig {
+    /// Whether this engine's log lives only in this process (and so only this
+    /// process can be the whole deployment).
+    pub fn is_embedded(&self) -> bool {
+        self.nats.is_none()
+    }
+}
+
+/// Builds the engine `config` asks for: the embedded one at once, or a JetStream
+/// one once NATS answers and its streams exist.
+pub async fn connect(config: &StreamConfig) -> Result<Arc<dyn EventStream>, StreamError> {
+    Ok(match &config.nats {
+        None => Arc::new(EmbeddedStream::new(config.retention)),
+        Some(nats) => Arc::new(JetStreamStream::connect(nats.clone(), config.retention).await?),
+    })
 }

@@ -1,0 +1,822 @@
+//! The JetStream engine: every session's log in one NATS JetStream stream, for
+//! deployments of several api and edge processes (and, later, regions).
+//!
+//! Layout (see `nats/` and `docs/architecture.md`):
+//! - events: stream `<stream>` (default `POLLCAST_EVENTS`), subjects
+//!   `<prefix>.session.<sessionId>`, one subject per session, file storage. The
+//!   per-subject message limit is the history window in events, `max_age` the one in
+//!   time. A message is the MessagePack envelope the WebSocket's MessagePack format
+//!   uses, with the event id as `Nats-Msg-Id`.
+//! - presence: work-queue stream `<stream>_PRESENCE`, subject `<prefix>.presence`,
+//!   one durable pull consumer shared by every api node, so each signal is handled by
+//!   one node and survives a restart of all of them.
+//!
+//! Ordering. A publish carries `Nats-Expected-Last-Subject-Sequence`: the stream
+//! sequence of the session's previous position, so JetStream itself refuses a second
+//! writer's out-of-order append. A retried publish comes back as a duplicate ack
+//! (clustered: the msg-id window is checked first) or as a wrong-last-sequence error
+//! (standalone: the expectation is checked first); both are read as `Duplicate` after
+//! looking at the subject's tail on the stream leader.
+//!
+//! Reading. Positions are consecutive within a subject, so the message at a position
+//! is found by searching stream sequences with Direct Get `next_by_subj`
+//! (interpolation and bisection steps alternating: O(log n) probes worst case, one or
+//! two when the session's messages are evenly spread), then read in batches with
+//! Direct Get `batch` (nats-server 2.11+), answered by any replica.
+//!
+//! Live events reach edges through a core NATS subscription on the session's subject
+//! (a stream's messages are ordinary messages to core subscribers), not a consumer:
+//! no consumer is created per room, so opening 10 000 rooms costs the meta leader
+//! nothing. Core delivery is at most once, so a subscription also reports
+//! [`StreamError::Lagged`] after every reconnect of the client, after a slow-consumer
+//! drop, and when it has been silent for a while; the room then reads what it missed
+//! from the stream, which is the source of truth.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::{self, DirectGetErrorKind, DiscardPolicy, RetentionPolicy};
+use async_nats::jetstream::{self, Context};
+use async_nats::{Client, ConnectOptions, Event, ServerAddr, Subscriber};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use pollcast_protocol::{DomainEvent, Envelope, PresenceSignal, SessionEvent, WireFormat};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, Sleep};
+use uuid::Uuid;
+
+use crate::{
+    EventStream, LiveEvents, PresenceFeed, PresenceSignals, Published, ReadBatch, Retention,
+    StreamError, Subscription,
+};
+
+/// Messages asked for per Direct Get batch request.
+const DIRECT_BATCH: usize = 256;
+/// Longest wait for any one answer from NATS.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Name of the durable consumer every api node pulls presence signals from.
+const PRESENCE_CONSUMER: &str = "pollcast-presence";
+/// Presence signals waiting to be published before new ones are dropped (and
+/// counted): presence heals itself (heartbeats re-open, the sweep closes), a
+/// connection task must never wait for NATS.
+const PRESENCE_QUEUE: usize = 1 << 16;
+/// Silence after which a live subscription asks its room to check the stream, and
+/// the spacing of the checks after that: covers an event that reached the stream
+/// but not the subscription (published just before it was registered, or lost in
+/// a reconnect the client did not report).
+const SILENCE_CHECKS: [Duration; 4] = [
+    Duration::from_millis(250),
+    Duration::from_secs(1),
+    Duration::from_secs(5),
+    Duration::from_secs(15),
+];
+/// Sessions whose newest (position, sequence) the publisher remembers.
+const TAIL_CACHE: usize = 100_000;
+
+/// How to reach NATS and what to call things there.
+#[derive(Clone, Debug)]
+pub struct NatsConfig {
+    /// Server URLs of one cluster (`nats://host:4222`, `tls://…` for TLS).
+    pub urls: Vec<String>,
+    /// A `.creds` file (JWT and nkey seed) for servers with decentralised auth.
+    pub credentials_file: Option<PathBuf>,
+    /// A token, for servers with token auth.
+    pub token: Option<String>,
+    /// The events stream; the presence stream is this name with `_PRESENCE`.
+    pub stream_name: String,
+    /// First token of every subject, so several deployments can share a server.
+    pub subject_prefix: String,
+    /// Replicas of both streams (1 standalone, 3 on a three-node cluster).
+    pub replicas: usize,
+    /// How long JetStream remembers a `Nats-Msg-Id` (capped at the history age).
+    pub duplicate_window: Duration,
+    /// Name of this client in the server's connection list.
+    pub connection_name: String,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            urls: vec!["nats://127.0.0.1:4222".into()],
+            credentials_file: None,
+            token: None,
+            stream_name: "POLLCAST_EVENTS".into(),
+            subject_prefix: "pollcast".into(),
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            connection_name: "pollcast".into(),
+        }
+    }
+}
+
+/// A session's newest event as the stream holds it.
+#[derive(Clone, Copy, Debug)]
+struct Tail {
+    position: u64,
+    sequence: u64,
+}
+
+/// The JetStream engine.
+pub struct JetStreamStream {
+    client: Client,
+    js: Context,
+    /// Handle on the events stream for Direct Gets (no I/O to make).
+    events: stream::Stream<()>,
+    config: NatsConfig,
+    /// Newest (position, sequence) per session as this process last published or
+    /// saw it: the expectation for the next publish, saving a lookup per event.
+    tails: Mutex<HashMap<Uuid, Tail>>,
+    /// Counts (re)connections and slow-consumer drops: each may have lost core
+    /// messages, so every live subscription reports a lag when it moves.
+    epoch: watch::Receiver<u64>,
+    /// Presence signals on their way to NATS.
+    presence_tx: mpsc::Sender<PresenceSignal>,
+}
+
+impl JetStreamStream {
+    /// Connects to NATS and creates or updates both streams to match `config` and
+    /// `retention`. A JetStream cluster that has not elected a leader yet is waited
+    /// for (up to 30 s).
+    pub async fn connect(config: NatsConfig, retention: Retention) -> Result<Self, StreamError> {
+        let (epoch_tx, epoch) = watch::channel(0u64);
+        let mut options = ConnectOptions::new()
+            .name(&config.connection_name)
+            .request_timeout(Some(REQUEST_TIMEOUT))
+            // Unlimited reconnects: an edge keeps its sockets through an outage.
+            .max_reconnects(None)
+            .event_callback(move |event| {
+                let epoch = epoch_tx.clone();
+                async move {
+                    match event {
+                        Event::Connected => {
+                            tracing::info!("connected to NATS");
+                            epoch.send_modify(|e| *e += 1);
+                        }
+                        Event::SlowConsumer(sid) => {
+                            tracing::warn!(sid, "NATS dropped messages for a slow subscription");
+                            epoch.send_modify(|e| *e += 1);
+                        }
+                        Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                        other => tracing::info!(event = %other, "NATS"),
+                    }
+                }
+            });
+        if let Some(path) = &config.credentials_file {
+            options = options.credentials_file(path).await.map_err(|e| {
+                StreamError::Unavailable(format!("reading {}: {e}", path.display()))
+            })?;
+        }
+        if let Some(token) = &config.token {
+            options = options.token(token.clone());
+        }
+        let addrs = config
+            .urls
+            .iter()
+            .map(|url| url.parse::<ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StreamError::Unavailable(format!("bad NATS URL: {e}")))?;
+        let client = options
+            .connect(addrs)
+            .await
+            .map_err(|e| StreamError::Unavailable(format!("connecting to NATS: {e}")))?;
+        let js = jetstream::new(client.clone());
+        ensure_streams(&js, &config, retention).await?;
+        let events = js
+            .get_stream_no_info(&config.stream_name)
+            .await
+            .map_err(|e| unavailable("opening the events stream", e))?;
+        let (presence_tx, presence_rx) = mpsc::channel(PRESENCE_QUEUE);
+        tokio::spawn(publish_presence(
+            js.clone(),
+            presence_subject(&config),
+            presence_rx,
+        ));
+        Ok(Self {
+            client,
+            js,
+            events,
+            config,
+            tails: Mutex::new(HashMap::new()),
+            epoch,
+            presence_tx,
+        })
+    }
+
+    fn subject(&self, session: Uuid) -> String {
+        format!("{}.session.{session}", self.config.subject_prefix)
+    }
+
+    fn tails(&self) -> MutexGuard<'_, HashMap<Uuid, Tail>> {
+        self.tails.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn remember(&self, session: Uuid, tail: Tail) {
+        let mut tails = self.tails();
+        if tails.len() >= TAIL_CACHE && !tails.contains_key(&session) {
+            // Simpler than an LRU and just as correct: a miss costs one lookup.
+            tails.clear();
+        }
+        tails.insert(session, tail);
+    }
+
+    /// The session's newest event, asked of the stream leader (publishing must not
+    /// act on a replica that is behind).
+    async fn leader_tail(&self, session: Uuid) -> Result<Option<Tail>, StreamError> {
+        match self
+            .events
+            .get_last_raw_message_by_subject(&self.subject(session))
+            .await
+        {
+            Ok(message) => Ok(Some(Tail {
+                position: decode(&message.payload)?.position,
+                sequence: message.sequence,
+            })),
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(err) => Err(unavailable("reading the session's tail", err)),
+        }
+    }
+
+    /// The first message of `subject` at or after stream sequence `from` (Direct
+    /// Get, any replica), with its position.
+    async fn next_at(&self, subject: &str, from: u64) -> Result<Option<Tail>, StreamError> {
+        match self
+            .events
+            .direct_get_next_for_subject(subject, Some(from.max(1)))
+            .await
+        {
+            Ok(message) => Ok(Some(Tail {
+                position: decode(&message.payload)?.position,
+                sequence: message.sequence,
+            })),
+            Err(err) if matches!(err.kind(), DirectGetErrorKind::NotFound) => Ok(None),
+            Err(err) => Err(unavailable("direct get", err)),
+        }
+    }
+
+    /// The newest message of `subject` (Direct Get, any replica).
+    async fn direct_tail(&self, subject: &str) -> Result<Option<Tail>, StreamError> {
+        match self.events.direct_get_last_for_subject(subject).await {
+            Ok(message) => Ok(Some(Tail {
+                position: decode(&message.payload)?.position,
+                sequence: message.sequence,
+            })),
+            Err(err) if matches!(err.kind(), DirectGetErrorKind::NotFound) => Ok(None),
+            Err(err) => Err(unavailable("direct get", err)),
+        }
+    }
+
+    /// The stream sequence of position `target` of `subject`, given a message
+    /// before it (`lo`) and one at or after it (`hi`).
+    ///
+    /// The window `(lo.sequence, upper]` always holds the target. Each probe asks
+    /// for the first message of the subject at or after a guess; the answer either
+    /// is the target, raises `lo`, or proves nothing of the subject lies between the
+    /// guess and the answer, which lowers `upper`. Guesses alternate between
+    /// interpolation (positions are consecutive, sequences roughly proportional) and
+    /// bisection, so the worst case stays logarithmic.
+    async fn locate(
+        &self,
+        subject: &str,
+        mut lo: Tail,
+        mut hi: Tail,
+        target: u64,
+    ) -> Result<u64, StreamError> {
+        let mut upper = hi.sequence;
+        let mut bisect = false;
+        while lo.sequence + 1 < upper {
+            let guess = if bisect {
+                lo.sequence + (upper - lo.sequence).div_ceil(2)
+            } else {
+                let span = u128::from(hi.sequence - lo.sequence);
+                let ahead = u128::from(target - lo.position);
+                let positions = u128::from(hi.position - lo.position).max(1);
+                lo.sequence + u64::try_from(ahead * span / positions).unwrap_or(u64::MAX)
+            };
+            bisect = !bisect;
+            let guess = guess.clamp(lo.sequence + 1, upper);
+            let Some(found) = self.next_at(subject, guess).await? else {
+                break;
+            };
+            match found.position.cmp(&target) {
+                std::cmp::Ordering::Equal => return Ok(found.sequence),
+                std::cmp::Ordering::Less => lo = found,
+                std::cmp::Ordering::Greater => {
+                    hi = found;
+                    upper = upper.min(guess - 1).max(lo.sequence);
+                }
+            }
+        }
+        // Nothing left between: the target is the next message after `lo` (or gone,
+        // which the caller sees from the first position it reads).
+        Ok(lo.sequence + 1)
+    }
+
+    /// Up to `batch` messages of `subject` from stream sequence `from` on, with one
+    /// Direct Get batch request (nats-server 2.11+).
+    async fn read_batch(
+        &self,
+        subject: &str,
+        from: u64,
+        batch: usize,
+    ) -> Result<Vec<(u64, SessionEvent)>, StreamError> {
+        #[derive(serde::Serialize)]
+        struct Request<'a> {
+            seq: u64,
+            next_by_subj: &'a str,
+            batch: usize,
+        }
+        let inbox = self.client.new_inbox();
+        let mut replies = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| unavailable("subscribing for a batch", e))?;
+        let body = serde_json::to_vec(&Request {
+            seq: from.max(1),
+            next_by_subj: subject,
+            batch,
+        })
+        .map_err(|e| StreamError::Corrupt(e.to_string()))?;
+        self.client
+            .publish_with_reply(
+                format!("$JS.API.DIRECT.GET.{}", self.config.stream_name),
+                inbox,
+                Bytes::from(body),
+            )
+            .await
+            .map_err(|e| unavailable("direct get batch", e))?;
+        let mut events = Vec::new();
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        loop {
+            let Ok(reply) = tokio::time::timeout_at(deadline, replies.next()).await else {
+                return Err(StreamError::Unavailable(
+                    "direct get batch timed out".into(),
+                ));
+            };
+            let Some(message) = reply else {
+                return Err(StreamError::Unavailable(
+                    "direct get batch: subscription ended".into(),
+                ));
+            };
+            match message.status.map(|s| s.as_u16()) {
+                // 204: end of the batch; 404: nothing (left) to read.
+                Some(204 | 404) => break,
+                Some(status) => {
+                    return Err(StreamError::Unavailable(format!(
+                        "direct get batch: {status} {}",
+                        message.description.unwrap_or_default()
+                    )));
+                }
+                None => {
+                    let sequence = message
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get("Nats-Sequence"))
+                        .and_then(|v| v.as_str().parse::<u64>().ok())
+                        .ok_or_else(|| StreamError::Corrupt("message without sequence".into()))?;
+                    events.push((sequence, decode(&message.payload)?));
+                    if events.len() >= batch {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = replies.unsubscribe().await;
+        Ok(events)
+    }
+}
+
+/// Creates or updates the events and presence streams and the presence consumer,
+/// retrying while a cluster has no JetStream leader yet.
+async fn ensure_streams(
+    js: &Context,
+    config: &NatsConfig,
+    retention: Retention,
+) -> Result<(), StreamError> {
+    let events = stream::Config {
+        name: config.stream_name.clone(),
+        subjects: vec![format!("{}.session.*", config.subject_prefix)],
+        retention: RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        max_messages_per_subject: i64::try_from(retention.max_events).unwrap_or(i64::MAX),
+        max_age: retention.max_age,
+        duplicate_window: config.duplicate_window.min(retention.max_age),
+        num_replicas: config.replicas,
+        discard: DiscardPolicy::Old,
+        allow_direct: true,
+        deny_delete: true,
+        ..Default::default()
+    };
+    let presence = stream::Config {
+        name: format!("{}_PRESENCE", config.stream_name),
+        subjects: vec![presence_subject(config)],
+        retention: RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        // A signal older than this describes a connection long gone either way.
+        max_age: Duration::from_secs(3600),
+        num_replicas: config.replicas,
+        discard: DiscardPolicy::Old,
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let attempt = async {
+            js.create_or_update_stream(events.clone())
+                .await
+                .map_err(|e| unavailable("creating the events stream", e))?;
+            js.create_or_update_stream(presence.clone())
+                .await
+                .map_err(|e| unavailable("creating the presence stream", e))?;
+            let presence = js
+                .get_stream(&format!("{}_PRESENCE", config.stream_name))
+                .await
+                .map_err(|e| unavailable("opening the presence stream", e))?;
+            presence
+                .get_or_create_consumer(PRESENCE_CONSUMER, presence_consumer())
+                .await
+                .map_err(|e| unavailable("creating the presence consumer", e))?;
+            Ok::<(), StreamError>(())
+        };
+        match attempt.await {
+            Ok(()) => return Ok(()),
+            Err(err) if Instant::now() < deadline => {
+                tracing::info!(error = %err, "JetStream not ready yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+fn presence_consumer() -> pull::Config {
+    pull::Config {
+        durable_name: Some(PRESENCE_CONSUMER.into()),
+        ack_policy: AckPolicy::Explicit,
+        // An api node that took signals and died hands them on after this long.
+        ack_wait: Duration::from_secs(10),
+        max_ack_pending: 20_000,
+        ..Default::default()
+    }
+}
+
+fn presence_subject(config: &NatsConfig) -> String {
+    format!("{}.presence", config.subject_prefix)
+}
+
+fn unavailable(what: &str, err: impl std::fmt::Display) -> StreamError {
+    StreamError::Unavailable(format!("{what}: {err}"))
+}
+
+/// The envelope on NATS is the WebSocket's MessagePack envelope.
+fn encode(event: &SessionEvent) -> Result<Bytes, StreamError> {
+    WireFormat::MessagePack
+        .encode(&Envelope::from(event))
+        .map(Bytes::from)
+        .map_err(|e| StreamError::Corrupt(e.to_string()))
+}
+
+fn decode(payload: &[u8]) -> Result<SessionEvent, StreamError> {
+    let envelope: Envelope<DomainEvent> = WireFormat::MessagePack
+        .decode(payload)
+        .map_err(|e| StreamError::Corrupt(e.to_string()))?;
+    let id = envelope
+        .event_id
+        .ok_or_else(|| StreamError::Corrupt("event without an id".into()))?;
+    let position = id
+        .position_in(envelope.session_id)
+        .map_err(|e| StreamError::Corrupt(e.to_string()))?;
+    Ok(SessionEvent {
+        session_id: envelope.session_id,
+        position,
+        timestamp: envelope.timestamp,
+        event: envelope.event,
+    })
+}
+
+#[async_trait]
+impl EventStream for JetStreamStream {
+    async fn publish(&self, event: SessionEvent) -> Result<Published, StreamError> {
+        if event.position == 0 {
+            return Err(StreamError::InvalidPosition);
+        }
+        let session = event.session_id;
+        let subject = self.subject(session);
+        let payload = encode(&event)?;
+        let id = event.event_id().to_string();
+        // A lost race (another node appended first) costs one more lookup; three
+        // in a row means something keeps writing, and the relay will come back.
+        for _ in 0..3 {
+            let cached = self.tails().get(&session).copied();
+            let tail = match cached {
+                Some(tail) => Some(tail),
+                None => {
+                    let tail = self.leader_tail(session).await?;
+                    if let Some(tail) = tail {
+                        self.remember(session, tail);
+                    }
+                    tail
+                }
+            };
+            if let Some(tail) = tail {
+                if event.position <= tail.position {
+                    return Ok(Published::Duplicate);
+                }
+                if event.position != tail.position + 1 {
+                    return Err(StreamError::OutOfOrder {
+                        session,
+                        expected: tail.position + 1,
+                        got: event.position,
+                    });
+                }
+            }
+            let message = PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(&id)
+                // 0: the subject must be empty (the session's first event here).
+                .expected_last_subject_sequence(tail.map_or(0, |t| t.sequence));
+            let ack = self
+                .js
+                .send_publish(subject.clone(), message)
+                .await
+                .map_err(|e| unavailable("publishing", e))?;
+            match ack.await {
+                Ok(ack) if ack.duplicate => {
+                    self.tails().remove(&session);
+                    return Ok(Published::Duplicate);
+                }
+                Ok(ack) => {
+                    self.remember(
+                        session,
+                        Tail {
+                            position: event.position,
+                            sequence: ack.sequence,
+                        },
+                    );
+                    return Ok(Published::Appended);
+                }
+                Err(err) if matches!(err.kind(), PublishErrorKind::WrongLastSequence) => {
+                    self.tails().remove(&session);
+                }
+                Err(err) => {
+                    self.tails().remove(&session);
+                    return Err(unavailable("publish not acknowledged", err));
+                }
+            }
+        }
+        Err(StreamError::Unavailable(format!(
+            "session {session}: the stream's tail kept moving"
+        )))
+    }
+
+    async fn read_after(
+        &self,
+        session: Uuid,
+        after: u64,
+        limit: usize,
+    ) -> Result<ReadBatch, StreamError> {
+        let subject = self.subject(session);
+        let Some(tail) = self.direct_tail(&subject).await? else {
+            return Ok(ReadBatch {
+                events: Vec::new(),
+                truncated: after != 0,
+            });
+        };
+        if after >= tail.position || limit == 0 {
+            return Ok(ReadBatch {
+                events: Vec::new(),
+                truncated: after > tail.position,
+            });
+        }
+        let target = after + 1;
+        let start = if tail.position == target {
+            tail.sequence
+        } else {
+            match self.next_at(&subject, 1).await? {
+                None => {
+                    return Ok(ReadBatch {
+                        events: Vec::new(),
+                        truncated: true,
+                    });
+                }
+                Some(first) if first.position >= target => first.sequence,
+                Some(first) => self.locate(&subject, first, tail, target).await?,
+            }
+        };
+        let mut events: Vec<Arc<SessionEvent>> = Vec::new();
+        let mut next = start;
+        while events.len() < limit {
+            let want = (limit - events.len()).min(DIRECT_BATCH);
+            let batch = self.read_batch(&subject, next, want).await?;
+            let full = batch.len() == want;
+            for (sequence, event) in batch {
+                next = sequence + 1;
+                // Only ever hand out a consecutive run: a reader must not skip.
+                let expected = events.last().map_or(event.position, |e| e.position + 1);
+                if event.position != expected || event.position <= after {
+                    continue;
+                }
+                events.push(Arc::new(event));
+            }
+            if !full {
+                break;
+            }
+        }
+        let truncated = events.first().is_some_and(|e| e.position > target);
+        Ok(ReadBatch { events, truncated })
+    }
+
+    async fn newest(&self, session: Uuid) -> Result<Option<u64>, StreamError> {
+        Ok(self
+            .direct_tail(&self.subject(session))
+            .await?
+            .map(|t| t.position))
+    }
+
+    async fn subscribe(&self, session: Uuid) -> Result<Subscription, StreamError> {
+        let subscriber = self
+            .client
+            .subscribe(self.subject(session))
+            .await
+            .map_err(|e| unavailable("subscribing", e))?;
+        let mut epoch = self.epoch.clone();
+        epoch.mark_unchanged();
+        Ok(Box::new(NatsLive {
+            subscriber,
+            epoch,
+            silence: Box::pin(tokio::time::sleep(SILENCE_CHECKS[0])),
+            checks: 0,
+        }))
+    }
+
+    async fn ping(&self) -> Result<(), StreamError> {
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(StreamError::Unavailable("not connected to NATS".into()));
+        }
+        tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            self.js.get_stream(&self.config.stream_name),
+        )
+        .await
+        .map_err(|_| StreamError::Unavailable("JetStream did not answer".into()))?
+        .map(|_| ())
+        .map_err(|e| unavailable("JetStream", e))
+    }
+
+    async fn report_presence(&self, signal: PresenceSignal) -> Result<(), StreamError> {
+        self.presence_tx.try_send(signal).map_err(|_| {
+            metrics::counter!("pollcast_presence_dropped_total").increment(1);
+            StreamError::Unavailable("presence queue full".into())
+        })
+    }
+
+    async fn presence(&self) -> Result<PresenceFeed, StreamError> {
+        let stream = self
+            .js
+            .get_stream(format!("{}_PRESENCE", self.config.stream_name))
+            .await
+            .map_err(|e| unavailable("opening the presence stream", e))?;
+        let consumer: PullConsumer = stream
+            .get_or_create_consumer(PRESENCE_CONSUMER, presence_consumer())
+            .await
+            .map_err(|e| unavailable("opening the presence consumer", e))?;
+        Ok(Box::new(NatsPresence {
+            consumer,
+            messages: None,
+            unacked: None,
+        }))
+    }
+}
+
+/// Publishes presence signals in the order reported, never holding up a reporter.
+async fn publish_presence(js: Context, subject: String, mut rx: mpsc::Receiver<PresenceSignal>) {
+    while let Some(signal) = rx.recv().await {
+        let payload = match WireFormat::MessagePack.encode(&signal) {
+            Ok(bytes) => Bytes::from(bytes),
+            Err(err) => {
+                tracing::error!(error = %err, "presence signal not encodable");
+                continue;
+            }
+        };
+        match js.publish(subject.clone(), payload).await {
+            Ok(ack) => {
+                // Acknowledgements are awaited off the queue, so they pipeline.
+                tokio::spawn(async move {
+                    if let Err(err) = ack.await {
+                        metrics::counter!("pollcast_presence_dropped_total").increment(1);
+                        tracing::warn!(error = %err, "presence signal not stored");
+                    }
+                });
+            }
+            Err(err) => {
+                metrics::counter!("pollcast_presence_dropped_total").increment(1);
+                tracing::warn!(error = %err, "presence signal not published");
+            }
+        }
+    }
+}
+
+struct NatsLive {
+    subscriber: Subscriber,
+    epoch: watch::Receiver<u64>,
+    /// Fires after a silence; see [`SILENCE_CHECKS`].
+    silence: Pin<Box<Sleep>>,
+    checks: usize,
+}
+
+#[async_trait]
+impl LiveEvents for NatsLive {
+    async fn next(&mut self) -> Result<Arc<SessionEvent>, StreamError> {
+        loop {
+            tokio::select! {
+                biased;
+                changed = self.epoch.changed() => {
+                    changed.map_err(|_| StreamError::Closed)?;
+                    return Err(StreamError::Lagged { skipped: 0 });
+                }
+                message = self.subscriber.next() => {
+                    let Some(message) = message else {
+                        return Err(StreamError::Closed);
+                    };
+                    self.checks = 0;
+                    self.silence.as_mut().reset(Instant::now() + SILENCE_CHECKS[0]);
+                    match decode(&message.payload) {
+                        Ok(event) => return Ok(Arc::new(event)),
+                        Err(err) => tracing::warn!(error = %err, "undecodable event on NATS"),
+                    }
+                }
+                () = &mut self.silence => {
+                    self.checks = (self.checks + 1).min(SILENCE_CHECKS.len() - 1);
+                    self.silence.as_mut().reset(Instant::now() + SILENCE_CHECKS[self.checks]);
+                    return Err(StreamError::Lagged { skipped: 0 });
+                }
+            }
+        }
+    }
+}
+
+struct NatsPresence {
+    consumer: PullConsumer,
+    messages: Option<pull::Stream>,
+    /// The signal handed out last: acknowledged when the next one is asked for,
+    /// that is, once the caller has applied it.
+    unacked: Option<jetstream::Message>,
+}
+
+#[async_trait]
+impl PresenceSignals for NatsPresence {
+    async fn next(&mut self) -> Result<PresenceSignal, StreamError> {
+        if let Some(done) = self.unacked.take()
+            && let Err(err) = done.ack().await
+        {
+            tracing::warn!(error = %err, "presence ack failed; the signal comes again");
+        }
+        loop {
+            let messages = match &mut self.messages {
+                Some(messages) => messages,
+                None => match self.consumer.messages().await {
+                    Ok(messages) => self.messages.insert(messages),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "presence consumer unavailable");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                },
+            };
+            match messages.next().await {
+                Some(Ok(message)) => {
+                    match WireFormat::MessagePack.decode::<PresenceSignal>(&message.payload) {
+                        Ok(signal) => {
+                            self.unacked = Some(message);
+                            return Ok(signal);
+                        }
+                        Err(err) => {
+                            tracing::warn!(error = %err, "undecodable presence signal dropped");
+                            let _ = message.ack().await;
+                        }
+                    }
+                }
+                Some(Err(err)) => {
+                    // Missed heartbeats during an outage and the like: the pull
+                    // stream recovers by itself; don't spin meanwhile.
+                    tracing::debug!(error = %err, "presence consumer");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                None => self.messages = None,
+            }
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! Real nats-server processes for tests: standalone servers and three-node JetStream
+//! clusters on free loopback ports, each with its own store in a temporary
+//! directory.
+//!
+//! Every server runs under a small shell that waits on a pipe from this process
+//! (the same trick as the PostgreSQL harness): when the [`NatsServer`] is dropped,
+//! or the test process exits however it exits, the pipe closes and the shell kills
+//! the server. [`NatsServer::kill`] SIGKILLs the server itself, as a crash would;
+//! [`NatsServer::start_again`] brings it back on the same port and store.
+//!
+//! The binary is `POLLCAST_NATS_SERVER`, else `nats-server` on `PATH`. A missing
+//! binary fails the test: there is no skipping (`scripts/test.sh` installs one).
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// One nats-server with JetStream.
+pub struct NatsServer {
+    /// Client port.
+    port: u16,
+    /// The command line (after the binary).
+    args: Vec<String>,
+    /// Store, config and log; removed on drop.
+    dir: PathBuf,
+    /// The shell that owns the server; its stdin is the pipe.
+    keeper: Option<Child>,
+    /// The nats-server process itself.
+    pid: Option<u32>,
+    _tmp: Option<TempDir>,
+}
+
+/// How long a server may take to say it is ready.
+const READY: Duration = Duration::from_secs(20);
+
+impl NatsServer {
+    /// A standalone JetStream server.
+    pub fn start() -> NatsServer {
+        let tmp = tempfile::Builder::new()
+            .prefix("pollcast-nats-")
+            .tempdir()
+            .expect("temp dir");
+        let dir = tmp.path().to_path_buf();
+        let port = free_port();
+        let args = vec![
+            "-a".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+            "-js".into(),
+            "-sd".into(),
+            dir.join("store").display().to_string(),
+            "--server_name".into(),
+            format!("test-{port}"),
+        ];
+        let mut server = NatsServer {
+            port,
+            args,
+            dir,
+            keeper: None,
+            pid: None,
+            _tmp: Some(tmp),
+        };
+        server.start_again();
+        server
+    }
+
+    /// The process-wide standalone server, started on first use, for tests that
+    /// only need some server (each uses its own stream names).
+    pub fn shared() -> &'static NatsServer {
+        static SHARED: OnceLock<NatsServer> = OnceLock::new();
+        SHARED.get_or_init(NatsServer::start)
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The client port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the server with SIGKILL (no lame-duck mode, no flush) and waits until
+    /// its port is closed.
+    pub fn kill(&mut self) {
+        if let Some(pid) = self.pid.take() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+        if let Some(mut keeper) = self.keeper.take() {
+            drop(keeper.stdin.take());
+            let _ = keeper.wait();
+        }
+        let deadline = Instant::now() + READY;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(Instant::now() < deadline, "nats-server did not die");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the server (again) on the same port and store, and waits until it
+    /// says it is ready.
+    pub fn start_again(&mut self) {
+        assert!(self.keeper.is_none(), "server already running");
+        let log = self.dir.join("nats.log");
+        let pid_file = self.dir.join("nats.pid");
+        let _ = std::fs::remove_file(&log);
+        let _ = std::fs::remove_file(&pid_file);
+        let script = r#"
+            bin="$1"; log="$2"; pidfile="$3"; shift 3
+            "$bin" "$@" >"$log" 2>&1 &
+            pid=$!
+            echo "$pid" >"$pidfile"
+            read _ignored
+            kill -KILL "$pid" 2>/dev/null
+            wait "$pid" 2>/dev/null
+        "#;
+        let keeper = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg("sh")
+            .arg(binary())
+            .arg(&log)
+            .arg(&pid_file)
+            .args(&self.args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting nats-server");
+        self.keeper = Some(keeper);
+        let deadline = Instant::now() + READY;
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("Server is ready") {
+                break;
+            }
+            if Instant::now() > deadline {
+                panic!("nats-server not ready within {READY:?}; log:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let pid = std::fs::read_to_string(&pid_file).expect("pid file");
+        self.pid = Some(pid.trim().parse().expect("pid"));
+    }
+
+    /// The server's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("nats.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if let Some(mut keeper) = self.keeper.take() {
+            drop(keeper.stdin.take());
+            let _ = keeper.wait();
+        }
+    }
+}
+
+/// Three JetStream servers joined by routes into one cluster.
+pub struct NatsCluster {
+    /// The nodes, in the order of [`NatsCluster::urls`].
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts three nodes. The JetStream meta leader is elected a few seconds
+    /// later; the engine's start-up waits for it.
+    pub fn start() -> NatsCluster {
+        let tmp = tempfile::Builder::new()
+            .prefix("pollcast-nats-cluster-")
+            .tempdir()
+            .expect("temp dir");
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let routes: Vec<String> = ports
+            .iter()
+            .map(|(_, route)| format!("\"nats-route://127.0.0.1:{route}\""))
+            .collect();
+        let mut nodes = Vec::new();
+        let base = tmp.path().to_path_buf();
+        let mut tmp = Some(tmp);
+        for (i, (port, route)) in ports.iter().enumerate() {
+            let dir = base.join(format!("n{i}"));
+            std::fs::create_dir_all(&dir).expect("node dir");
+            let config = dir.join("node.conf");
+            let text = format!(
+                "server_name: n{i}\nlisten: 127.0.0.1:{port}\n\
+                 jetstream {{ store_dir: \"{store}\" }}\n\
+                 cluster {{ name: pollcast-test, listen: 127.0.0.1:{route}, routes: [{routes}] }}\n",
+                store = dir.join("store").display(),
+                routes = routes.join(", "),
+            );
+            write_file(&config, &text);
+            let mut node = NatsServer {
+                port: *port,
+                args: vec!["-c".into(), config.display().to_string()],
+                dir,
+                keeper: None,
+                pid: None,
+                // The first node owns the directory of all three.
+                _tmp: if i == 0 { tmp.take() } else { None },
+            };
+            node.start_again();
+            nodes.push(node);
+        }
+        NatsCluster { nodes }
+    }
+
+    /// Every node's URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(NatsServer::url).collect()
+    }
+}
+
+fn write_file(path: &Path, text: &str) {
+    let mut file = std::fs::File::create(path).expect("create file");
+    file.write_all(text.as_bytes()).expect("write file");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// The nats-server binary.
+pub fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("POLLCAST_NATS_SERVER") {
+        return PathBuf::from(path);
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join("nats-server");
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    panic!("nats-server not found; run scripts/test.sh, which installs it")
+}
