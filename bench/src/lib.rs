@@ -2,9 +2,9 @@
 
 use std::sync::Arc;
 
-use pollcast::{Server, Settings};
+use pollcast::{ApiSettings, Server, Settings};
 use pollcast_api::RateLimitConfig;
-use pollcast_domain::DomainConfig;
+use pollcast_domain::{DomainConfig, TokenKeys};
 use pollcast_edge::EdgeConfig;
 use pollcast_stream::EmbeddedStream;
 use tokio::net::TcpListener;
@@ -23,17 +23,22 @@ impl BenchServer {
         let dir = tempfile::tempdir()?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let settings = Settings {
-            database_url: format!(
-                "sqlite://{}?mode=rwc",
-                dir.path().join("bench.db").display()
+            keys: TokenKeys::new(
+                b"pollcast benchmark secret, loopback only",
+                std::time::Duration::from_secs(24 * 60 * 60),
             ),
-            db_max_connections: 8,
-            secret: b"pollcast benchmark secret, loopback only".to_vec(),
-            domain: DomainConfig::default(),
+            api: Some(ApiSettings {
+                database_url: format!(
+                    "sqlite://{}?mode=rwc",
+                    dir.path().join("bench.db").display()
+                ),
+                db_max_connections: 8,
+                domain: DomainConfig::default(),
+                single_node: true,
+                rate_limits: RateLimitConfig::OFF,
+            }),
+            edge: Some(EdgeConfig::default()),
             metrics: None,
-            edge: EdgeConfig::default(),
-            single_node: true,
-            rate_limits: RateLimitConfig::OFF,
         };
         let server = Server::start(listener, settings, Arc::new(EmbeddedStream::default())).await?;
         Ok(BenchServer { server, _dir: dir })

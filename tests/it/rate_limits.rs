@@ -50,13 +50,7 @@ async fn a_participant_over_the_write_limit_gets_429_and_changes_nothing(backend
     }
     t.settle(&p.session_id).await;
     let session: Uuid = p.session_id.parse().expect("uuid");
-    let before = t
-        .server
-        .domain()
-        .stream()
-        .newest(session)
-        .await
-        .expect("newest");
+    let before = t.server.stream().newest(session).await.expect("newest");
     let refused = t
         .api
         .vote(&poll_id, &ada.token, &[&option_id(&poll, 1)])

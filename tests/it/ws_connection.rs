@@ -128,7 +128,7 @@ async fn refused_connections_get_an_error_then_their_close_code(format: Format) 
     client.format = Format::Json;
     client.expect_refusal("bad_request", 4400).await;
     assert_eq!(
-        t.server.edge().connections(),
+        t.server.edge().expect("edge part").connections(),
         0,
         "refused connections hold no place"
     );

@@ -245,7 +245,6 @@ async fn reconnecting_client_sees_exactly_what_a_connected_one_sees(format: Form
     let session: Uuid = p.session_id.parse().expect("uuid");
     let newest = t
         .server
-        .domain()
         .stream()
         .newest(session)
         .await

@@ -78,6 +78,7 @@ async fn stalled_client_is_closed_with_4500_and_the_room_goes_on() {
     let claims = t
         .server
         .domain()
+        .expect("api part")
         .verify_token(&p.token)
         .expect("presenter claims");
     let session = p.session_id.parse().expect("uuid");
@@ -90,6 +91,7 @@ async fn stalled_client_is_closed_with_4500_and_the_room_goes_on() {
         };
         t.server
             .domain()
+            .expect("api part")
             .create_poll(&claims, session, poll)
             .await
             .expect("poll");

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use pollcast::{Server, Settings};
-use pollcast_domain::DomainConfig;
+use pollcast::{ApiSettings, Server, Settings};
+use pollcast_domain::{DomainConfig, TokenKeys};
 use pollcast_stream::{EmbeddedStream, EventStream};
 use tempfile::TempDir;
 use tokio::net::TcpListener;
@@ -107,14 +107,16 @@ impl TestServer {
     async fn start_on(database_url: String, dir: Arc<TempDir>, options: Options) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let settings = Settings {
-            database_url: database_url.clone(),
-            db_max_connections: 16,
-            secret: SECRET.to_vec(),
-            domain: options.domain,
+            keys: TokenKeys::new(SECRET, Duration::from_secs(24 * 60 * 60)),
+            api: Some(ApiSettings {
+                database_url: database_url.clone(),
+                db_max_connections: 16,
+                domain: options.domain,
+                rate_limits: options.rate_limits,
+                single_node: true,
+            }),
+            edge: Some(options.edge),
             metrics: None,
-            edge: options.edge,
-            rate_limits: options.rate_limits,
-            single_node: true,
         };
         let server = Server::start(listener, settings, options.stream)
             .await
@@ -131,7 +133,7 @@ impl TestServer {
     /// Waits (at most 10 s) until the stream holds `position` of `session`: checks
     /// after subscribing, then follows live events, so nothing is missed between.
     pub async fn stream_reaches(&self, session: uuid::Uuid, position: u64) {
-        let stream = self.server.domain().stream();
+        let stream = self.server.stream();
         let outcome = tokio::time::timeout(Duration::from_secs(10), async {
             let mut live = stream.subscribe(session).await.expect("subscribe");
             if stream.newest(session).await.ok().flatten() >= Some(position) {
@@ -161,7 +163,6 @@ impl TestServer {
         self.stream_reaches(session, position).await;
         let read = self
             .server
-            .domain()
             .stream()
             .read_after(session, 0, usize::MAX)
             .await

@@ -17,11 +17,13 @@ pub mod routes;
 
 pub use error::ApiError;
 pub use rate_limit::RateLimitConfig;
+pub use routes::health;
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
-/// The REST router (`/api/…`, `/healthz`, `/readyz`) over the domain services.
+/// The REST router (`/api/…`) over the domain services; [`health::router`] adds
+/// `/healthz` and `/readyz`.
 /// Serve it with `into_make_service_with_connect_info::<SocketAddr>()` so that
 /// anonymous writes are limited per client address.
 pub fn router(domain: Domain, rate_limits: RateLimitConfig) -> Router {
@@ -31,7 +33,6 @@ pub fn router(domain: Domain, rate_limits: RateLimitConfig) -> Router {
         .merge(routes::participants::router())
         .merge(routes::polls::router())
         .merge(routes::votes::router())
-        .merge(routes::health::router())
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn(body::refuse_oversized))

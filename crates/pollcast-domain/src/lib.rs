@@ -41,16 +41,20 @@ pub use votes::VoteRequest;
 /// Settings of the domain services.
 #[derive(Clone, Debug)]
 pub struct DomainConfig {
-    /// How long issued tokens stay valid.
-    pub token_lifetime: Duration,
     /// How long a `results:updated` waits to coalesce further votes. The contract
     /// allows 100 ms between a vote and the results that cover it; the rest of that
     /// budget is commit and delivery time.
     pub results_interval: Duration,
     /// When set, creating a session requires this bearer key.
     pub admin_key: Option<String>,
-    /// How often heartbeat answers are written to `lastSeenAt` (in one batch).
+    /// How often heartbeat answers are written to `lastSeenAt` (in one batch), and
+    /// how often the presence sweep runs.
     pub presence_flush: Duration,
+    /// A connection no edge has reported for this long is taken for dead (its
+    /// edge crashed or lost its link) and closed by the sweep. Must exceed the
+    /// edges' heartbeat timeout plus one flush interval, or live connections of
+    /// slow-answering clients are closed too.
+    pub presence_timeout: Duration,
     /// How long a session's vote batch task waits for votes before it retires.
     pub vote_batch_idle: Duration,
 }
@@ -58,10 +62,10 @@ pub struct DomainConfig {
 impl Default for DomainConfig {
     fn default() -> Self {
         Self {
-            token_lifetime: Duration::from_secs(24 * 60 * 60),
             results_interval: Duration::from_millis(50),
             admin_key: None,
             presence_flush: Duration::from_secs(1),
+            presence_timeout: Duration::from_secs(62),
             vote_batch_idle: Duration::from_secs(10),
         }
     }
@@ -92,10 +96,9 @@ impl Domain {
     pub fn new(
         db: DatabaseConnection,
         stream: Arc<dyn EventStream>,
-        secret: &[u8],
+        keys: TokenKeys,
         config: DomainConfig,
     ) -> Self {
-        let keys = TokenKeys::new(secret, config.token_lifetime);
         Self {
             inner: Arc::new(Inner {
                 db,

@@ -1,22 +1,34 @@
 //! Presence: turns the edges' connection signals into `connected`, `lastSeenAt` and
 //! `participant:disconnected`.
 //!
-//! Edges report through the event stream, never to the database. This tracker
-//! counts each participant's open connections across edges; the first one coming
-//! marks the participant connected, the last one going marks them disconnected and
-//! emits `participant:disconnected`. Heartbeat answers only move `lastSeenAt`, and
-//! those writes are batched: one transaction per flush interval, however many
-//! pongs arrived.
+//! Edges report through the event stream, never to the database. Each open
+//! connection is a row of `connections`, so the count of a participant's open
+//! connections is shared by every api node and survives their restarts: the first
+//! connection opening marks the participant connected, the last one closing marks
+//! them disconnected and emits `participant:disconnected`, in one session
+//! transaction (the session lock orders the changes of one session even when two
+//! api nodes handle its signals at once).
+//!
+//! Signals may be handled out of order (several api nodes pull from one queue), so
+//! a `Disconnected` for a connection not seen yet leaves a closed row (a
+//! tombstone) that a late `Connected` cannot reopen. Signals may be lost (an
+//! outage) or never sent (an edge that crashed): a connection not heard of for
+//! [`crate::DomainConfig::presence_timeout`] is closed by the sweep. A live one
+//! cannot be: its edge reports a heartbeat answer at least every half heartbeat
+//! interval, and closes it (4408) when answers stop. Heartbeat answers are written
+//! in one transaction per flush interval, however many arrived.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use pollcast_protocol::{DomainEvent, PresenceKind, PresenceSignal};
-use pollcast_store::participant;
-use pollcast_stream::StreamError;
-use sea_orm::sea_query::Expr;
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, TransactionTrait};
+use pollcast_store::{connection, participant};
+use sea_orm::sea_query::{Expr, OnConflict};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect,
+    TransactionTrait,
+};
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -25,21 +37,30 @@ use crate::{Domain, DomainResult};
 
 /// How long the tracker waits for more signals once shutdown began.
 const SHUTDOWN_DRAIN: Duration = Duration::from_millis(100);
+/// Stale connections closed per sweep round.
+const SWEEP_BATCH: u64 = 256;
+/// How long a closed connection's row is kept to absorb late signals.
+const TOMBSTONE_TTL: Duration = Duration::from_secs(3600);
 
 /// Consumes presence signals for one domain.
 pub struct PresenceTracker {
     domain: Domain,
     flush_every: Duration,
-    /// Open connections per participant, and the participant's session.
-    open: HashMap<Uuid, (Uuid, HashSet<Uuid>)>,
-    /// Newest heartbeat per participant not yet written.
-    seen: HashMap<Uuid, DateTime<Utc>>,
+    /// Newest heartbeat per connection not yet written.
+    seen: HashMap<Uuid, Seen>,
+}
+
+struct Seen {
+    participant: Uuid,
+    at: DateTime<Utc>,
 }
 
 impl Domain {
-    /// Marks every participant disconnected; returns how many were marked connected.
-    /// Only for a single-node start, when no connection can be open.
+    /// Forgets every connection and marks every participant disconnected; returns
+    /// how many were marked connected. Only for a single-node start, when no
+    /// connection can be open.
     pub async fn reset_presence(&self) -> DomainResult<u64> {
+        connection::Entity::delete_many().exec(self.db()).await?;
         let reset = participant::Entity::update_many()
             .col_expr(participant::Column::Connected, Expr::value(false))
             .filter(participant::Column::Connected.eq(true))
@@ -53,7 +74,6 @@ impl Domain {
         PresenceTracker {
             domain: self.clone(),
             flush_every: self.inner.config.presence_flush,
-            open: HashMap::new(),
             seen: HashMap::new(),
         }
     }
@@ -62,11 +82,16 @@ impl Domain {
 impl PresenceTracker {
     /// Runs until `shutdown` turns true.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let mut feed = match self.domain.stream().presence().await {
-            Ok(feed) => feed,
-            Err(err) => {
-                tracing::error!(error = %err, "no presence feed; presence is not tracked");
-                return;
+        let mut feed = loop {
+            match self.domain.stream().presence().await {
+                Ok(feed) => break feed,
+                Err(err) => {
+                    tracing::warn!(error = %err, "no presence feed yet; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
             }
         };
         let mut flush = tokio::time::interval(self.flush_every);
@@ -78,12 +103,17 @@ impl PresenceTracker {
                             tracing::warn!(error = %err, "presence update failed");
                         }
                     }
-                    Err(StreamError::Lagged { skipped }) => {
-                        tracing::warn!(skipped, "presence signals lost; counts may be off until reconnects");
+                    Err(pollcast_stream::StreamError::Lagged { skipped }) => {
+                        tracing::warn!(skipped, "presence signals lost; the sweep and heartbeats will correct");
                     }
                     Err(_) => break,
                 },
-                _ = flush.tick() => self.flush_seen().await,
+                _ = flush.tick() => {
+                    self.flush_seen().await;
+                    if let Err(err) = self.sweep().await {
+                        tracing::warn!(error = %err, "presence sweep failed");
+                    }
+                }
                 _ = shutdown.changed() => break,
             }
         }
@@ -99,76 +129,56 @@ impl PresenceTracker {
 
     async fn apply(&mut self, signal: PresenceSignal) -> DomainResult<()> {
         let at = signal.at.datetime();
-        let participant = signal.participant_id;
         match signal.kind {
-            PresenceKind::Connected => {
-                let (_, connections) = self
-                    .open
-                    .entry(participant)
-                    .or_insert_with(|| (signal.session_id, HashSet::new()));
-                let first = connections.is_empty();
-                connections.insert(signal.connection_id);
-                if first {
-                    self.set_connected(participant, at).await?;
-                }
-            }
+            PresenceKind::Connected => self.open(signal, at).await,
             PresenceKind::Seen => {
-                let newest = self.seen.entry(participant).or_insert(at);
-                *newest = (*newest).max(at);
+                let seen = self.seen.entry(signal.connection_id).or_insert(Seen {
+                    participant: signal.participant_id,
+                    at,
+                });
+                seen.at = seen.at.max(at);
+                Ok(())
             }
             PresenceKind::Disconnected => {
-                let Some((session, connections)) = self.open.get_mut(&participant) else {
-                    return Ok(());
-                };
-                connections.remove(&signal.connection_id);
-                if connections.is_empty() {
-                    let session = *session;
-                    self.open.remove(&participant);
-                    self.seen.remove(&participant);
-                    self.disconnect(session, participant, at).await?;
-                }
+                self.seen.remove(&signal.connection_id);
+                close(
+                    &self.domain,
+                    signal.session_id,
+                    signal.participant_id,
+                    signal.connection_id,
+                    at,
+                )
+                .await
             }
         }
-        Ok(())
     }
 
-    async fn set_connected(&self, participant: Uuid, at: DateTime<Utc>) -> DomainResult<()> {
-        participant::Entity::update_many()
-            .col_expr(participant::Column::Connected, Expr::value(true))
-            .col_expr(participant::Column::LastSeenAt, Expr::value(at))
-            .filter(participant::Column::Id.eq(participant))
-            .exec(self.domain.db())
-            .await?;
-        Ok(())
-    }
-
-    /// Marks the participant disconnected and tells the presenters, in one change.
-    async fn disconnect(
-        &self,
-        session: Uuid,
-        participant: Uuid,
-        at: DateTime<Utc>,
-    ) -> DomainResult<()> {
-        let mut tx = SessionTx::begin(&self.domain, session).await?;
-        let Some(row) = participant::Entity::find_by_id(participant)
-            .one(&tx.txn)
-            .await?
-        else {
-            return Ok(());
-        };
-        participant::Entity::update_many()
-            .col_expr(participant::Column::Connected, Expr::value(false))
-            .col_expr(
-                participant::Column::LastSeenAt,
-                Expr::value(at.max(row.last_seen_at)),
-            )
-            .filter(participant::Column::Id.eq(participant))
-            .exec(&tx.txn)
-            .await?;
-        tx.emit(DomainEvent::ParticipantDisconnected {
-            participant_id: participant,
-            display_name: row.display_name,
-        });
+    /// Records an open connection; the participant's first marks them connected.
+    async fn open(&self, signal: PresenceSignal, at: DateTime<Utc>) -> DomainResult<()> {
+        let tx = SessionTx::begin(&self.domain, signal.session_id).await?;
+        // A tombstone (closed before this signal arrived) wins: do nothing.
+        let inserted = connection::Entity::insert(connection::ActiveModel {
+            id: Set(signal.connection_id),
+            session_id: Set(signal.session_id),
+            participant_id: Set(signal.participant_id),
+            open: Set(true),
+            seen_at: Set(at),
+        })
+        .on_conflict(
+            OnConflict::column(connection::Column::Id)
+                .do_nothing()
+                .to_owned(),
+        )
+        .exec_without_returning(&tx.txn)
+        .await?;
+        if inserted == 1 {
+            participant::Entity::update_many()
+                .col_expr(participant::Column::Connected, Expr::value(true))
+                .col_expr(participant::Column::LastSeenAt, Expr::value(at))
+                .filter(participant::Column::Id.eq(signal.participant_id))
+                .exec(&tx.txn)
+                .await?;
+        }
         tx.commit(&self.domain).await
     }
 
@@ -180,11 +190,18 @@ impl PresenceTracker {
         let batch = std::mem::take(&mut self.seen);
         let result: DomainResult<()> = async {
             let txn = self.domain.db().begin().await?;
-            for (participant, at) in &batch {
+            for (connection_id, seen) in &batch {
+                connection::Entity::update_many()
+                    .col_expr(connection::Column::SeenAt, Expr::value(seen.at))
+                    .filter(connection::Column::Id.eq(*connection_id))
+                    .filter(connection::Column::Open.eq(true))
+                    .filter(connection::Column::SeenAt.lt(seen.at))
+                    .exec(&txn)
+                    .await?;
                 participant::Entity::update_many()
-                    .col_expr(participant::Column::LastSeenAt, Expr::value(*at))
-                    .filter(participant::Column::Id.eq(*participant))
-                    .filter(participant::Column::LastSeenAt.lt(*at))
+                    .col_expr(participant::Column::LastSeenAt, Expr::value(seen.at))
+                    .filter(participant::Column::Id.eq(seen.participant))
+                    .filter(participant::Column::LastSeenAt.lt(seen.at))
                     .exec(&txn)
                     .await?;
             }
@@ -198,4 +215,109 @@ impl PresenceTracker {
             Err(err) => tracing::warn!(error = %err, "lastSeenAt batch failed"),
         }
     }
+
+    /// Closes open connections nobody has heard of for the presence timeout (their
+    /// edge is gone), as of their last sign of life, and forgets old tombstones.
+    async fn sweep(&self) -> DomainResult<()> {
+        let now = Utc::now();
+        let timeout = self.domain.inner.config.presence_timeout;
+        let cutoff = now - chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
+        loop {
+            let stale = connection::Entity::find()
+                .filter(connection::Column::Open.eq(true))
+                .filter(connection::Column::SeenAt.lt(cutoff))
+                .limit(SWEEP_BATCH)
+                .all(self.domain.db())
+                .await?;
+            let full = stale.len() as u64 == SWEEP_BATCH;
+            for row in stale {
+                tracing::info!(connection = %row.id, participant = %row.participant_id, "connection silent past the presence timeout; closing it");
+                metrics::counter!("pollcast_presence_swept_total").increment(1);
+                close(
+                    &self.domain,
+                    row.session_id,
+                    row.participant_id,
+                    row.id,
+                    row.seen_at,
+                )
+                .await?;
+            }
+            if !full {
+                break;
+            }
+        }
+        let forget = now
+            - chrono::Duration::from_std(TOMBSTONE_TTL.max(timeout))
+                .unwrap_or(chrono::Duration::MAX);
+        connection::Entity::delete_many()
+            .filter(connection::Column::Open.eq(false))
+            .filter(connection::Column::SeenAt.lt(forget))
+            .exec(self.domain.db())
+            .await?;
+        Ok(())
+    }
+}
+
+/// Closes one connection; the participant's last one marks them disconnected and
+/// tells the presenters, in one change.
+async fn close(
+    domain: &Domain,
+    session: Uuid,
+    participant: Uuid,
+    connection_id: Uuid,
+    at: DateTime<Utc>,
+) -> DomainResult<()> {
+    let mut tx = SessionTx::begin(domain, session).await?;
+    let closed = connection::Entity::update_many()
+        .col_expr(connection::Column::Open, Expr::value(false))
+        .col_expr(connection::Column::SeenAt, Expr::value(at))
+        .filter(connection::Column::Id.eq(connection_id))
+        .filter(connection::Column::Open.eq(true))
+        .exec(&tx.txn)
+        .await?
+        .rows_affected;
+    if closed == 0 {
+        // Closed already (a repeat, or the sweep came first), or not opened yet
+        // (its `Connected` is late): leave a tombstone so it never opens.
+        connection::Entity::insert(connection::ActiveModel {
+            id: Set(connection_id),
+            session_id: Set(session),
+            participant_id: Set(participant),
+            open: Set(false),
+            seen_at: Set(at),
+        })
+        .on_conflict(
+            OnConflict::column(connection::Column::Id)
+                .do_nothing()
+                .to_owned(),
+        )
+        .exec_without_returning(&tx.txn)
+        .await?;
+        return tx.commit(domain).await;
+    }
+    let still_open = connection::Entity::find()
+        .filter(connection::Column::ParticipantId.eq(participant))
+        .filter(connection::Column::Open.eq(true))
+        .count(&tx.txn)
+        .await?;
+    if still_open == 0
+        && let Some(row) = participant::Entity::find_by_id(participant)
+            .one(&tx.txn)
+            .await?
+    {
+        participant::Entity::update_many()
+            .col_expr(participant::Column::Connected, Expr::value(false))
+            .col_expr(
+                participant::Column::LastSeenAt,
+                Expr::value(at.max(row.last_seen_at)),
+            )
+            .filter(participant::Column::Id.eq(participant))
+            .exec(&tx.txn)
+            .await?;
+        tx.emit(DomainEvent::ParticipantDisconnected {
+            participant_id: participant,
+            display_name: row.display_name,
+        });
+    }
+    tx.commit(domain).await
 }

@@ -287,10 +287,12 @@ where
                     Some(Inbound::Pong) => {
                         let now = Instant::now();
                         pong_deadline.as_mut().reset(now + config.heartbeat_timeout);
-                        // At most one sign of life per interval reaches the domain,
-                        // however fast a client sends pongs.
+                        // At most one sign of life per half interval reaches the
+                        // domain, however fast a client sends pongs; half, so that a
+                        // client answering every ping is reported every time (the
+                        // domain's sweep takes silent connections for dead).
                         if now >= next_seen_report {
-                            next_seen_report = now + config.heartbeat_interval;
+                            next_seen_report = now + config.heartbeat_interval / 2;
                             self.presence(PresenceKind::Seen).await;
                         }
                         Ok(())

@@ -1,5 +1,6 @@
 //! sea-orm entities, one table per module.
 
+pub mod connection;
 pub mod idempotency_key;
 pub mod outbox;
 pub mod participant;

@@ -11,7 +11,9 @@ use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbE
 
 pub mod entity;
 
-pub use entity::{idempotency_key, outbox, participant, poll, session, vote, vote_choice};
+pub use entity::{
+    connection, idempotency_key, outbox, participant, poll, session, vote, vote_choice,
+};
 pub use sea_orm;
 
 /// Connects to `url` (`sqlite://…` or `postgres://…`) and applies pending migrations.

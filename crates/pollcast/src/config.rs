@@ -8,10 +8,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use pollcast_api::RateLimitConfig;
 use pollcast_domain::DomainConfig;
 use pollcast_edge::EdgeConfig;
+use pollcast_stream::{NatsConfig, Retention, StreamConfig};
 
 /// pollcast: the real-time backbone of live audience sessions.
 #[derive(Debug, Parser)]
@@ -49,15 +50,80 @@ pub struct StoreArgs {
     pub db_max_connections: u32,
 }
 
+/// What one `pollcast serve` process runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Role {
+    /// REST API, domain, outbox relay, presence tracking (needs the database).
+    Api,
+    /// WebSocket edge only (`/ws`; needs no database).
+    Edge,
+    /// Both, in one process.
+    #[default]
+    All,
+}
+
+/// Which event stream, and how much history it keeps.
+#[derive(Debug, Clone, Args)]
+pub struct StreamArgs {
+    /// NATS server URLs of one cluster, comma-separated (`nats://…`, `tls://…`).
+    /// When given, the JetStream engine is used; otherwise the embedded one.
+    #[arg(long, env = "POLLCAST_NATS_URL", value_delimiter = ',')]
+    pub nats_url: Vec<String>,
+    /// A NATS `.creds` file (JWT and nkey seed).
+    #[arg(long, env = "POLLCAST_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// A NATS auth token.
+    #[arg(long, env = "POLLCAST_NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+    /// Replicas of the JetStream streams (3 on a three-node cluster).
+    #[arg(long, env = "POLLCAST_STREAM_REPLICAS", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=5))]
+    pub stream_replicas: u16,
+    /// Name of the JetStream events stream.
+    #[arg(long, env = "POLLCAST_STREAM_NAME", default_value = "POLLCAST_EVENTS")]
+    pub stream_name: String,
+    /// History kept per session (e.g. `24h`, `90m`); also capped at 100 000 events.
+    #[arg(long, env = "POLLCAST_STREAM_MAX_AGE", default_value = "24h",
+          value_parser = humantime::parse_duration)]
+    pub stream_max_age: Duration,
+}
+
+impl StreamArgs {
+    /// The engine these flags ask for.
+    pub fn stream_config(&self) -> StreamConfig {
+        let retention = Retention {
+            max_age: self.stream_max_age,
+            ..Retention::default()
+        };
+        let nats = (!self.nats_url.is_empty()).then(|| NatsConfig {
+            urls: self.nats_url.clone(),
+            credentials_file: self.nats_creds.clone(),
+            token: self.nats_token.clone(),
+            stream_name: self.stream_name.clone(),
+            replicas: usize::from(self.stream_replicas),
+            connection_name: format!("pollcast-{}", std::process::id()),
+            ..NatsConfig::default()
+        });
+        StreamConfig { retention, nats }
+    }
+}
+
 /// `pollcast serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// Address the API (and `/metrics`) listens on.
+    /// Address the server (and `/metrics`) listens on.
     #[arg(long, env = "POLLCAST_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// What this process runs: `api`, `edge` or `all`. `api` and `edge` need
+    /// `--nats-url`: separate processes share the JetStream engine.
+    #[arg(long, env = "POLLCAST_ROLE", value_enum, default_value_t = Role::All)]
+    pub role: Role,
     /// State.
     #[command(flatten)]
     pub store: StoreArgs,
+    /// The event stream.
+    #[command(flatten)]
+    pub stream: StreamArgs,
     /// Token signing secret; default: generated once into the data directory.
     #[arg(long, env = "POLLCAST_SECRET", hide_env_values = true)]
     pub secret: Option<String>,
@@ -125,23 +191,51 @@ impl StoreArgs {
 }
 
 impl ServeArgs {
-    /// The token secret: the configured one, or the one kept in the data directory
-    /// (generated on first start, so restarts keep tokens valid).
+    /// Refuses combinations that cannot work, saying why.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.role != Role::All && self.stream.nats_url.is_empty() {
+            let role = if self.role == Role::Api {
+                "api"
+            } else {
+                "edge"
+            };
+            anyhow::bail!(
+                "--role {role} needs --nats-url: api and edge processes share events through \
+                 NATS JetStream (the embedded stream lives inside one process; use --role all)"
+            );
+        }
+        Ok(())
+    }
+
+    /// The token secret: the configured one, or the one kept in the data directory.
+    /// An api (or whole) node generates it on first start, so restarts keep tokens
+    /// valid; an edge only reads it, because a secret of its own would refuse every
+    /// token the api issues.
     pub fn secret(&self) -> anyhow::Result<Vec<u8>> {
         match &self.secret {
             Some(secret) if secret.len() >= 16 => Ok(secret.as_bytes().to_vec()),
             Some(_) => anyhow::bail!("--secret must be at least 16 characters"),
-            None => stored_secret(&self.store.data_dir),
+            None => stored_secret(&self.store.data_dir, self.role != Role::Edge),
         }
+    }
+
+    /// How long issued tokens stay valid.
+    pub fn token_lifetime(&self) -> Duration {
+        Duration::from_secs(self.token_ttl_secs)
     }
 
     /// Domain settings from the flags.
     pub fn domain_config(&self) -> DomainConfig {
         DomainConfig {
-            token_lifetime: Duration::from_secs(self.token_ttl_secs),
             results_interval: Duration::from_millis(self.results_interval_ms),
             admin_key: self.admin_key.clone(),
             presence_flush: Duration::from_millis(self.presence_flush_ms.max(1)),
+            // Live connections report at least every half heartbeat interval and
+            // are closed by their edge after the timeout; one more flush interval
+            // and a second of slack cover the way to the database.
+            presence_timeout: Duration::from_millis(
+                self.heartbeat_timeout_ms + 2 * self.presence_flush_ms.max(1) + 1000,
+            ),
             ..DomainConfig::default()
         }
     }
@@ -169,11 +263,18 @@ impl ServeArgs {
     }
 }
 
-fn stored_secret(data_dir: &Path) -> anyhow::Result<Vec<u8>> {
+fn stored_secret(data_dir: &Path, generate: bool) -> anyhow::Result<Vec<u8>> {
     let path = data_dir.join("secret");
     match fs::read_to_string(&path) {
         Ok(text) if text.trim().len() >= 32 => return Ok(text.trim().as_bytes().to_vec()),
         Ok(_) => anyhow::bail!("{} is too short to be a secret", path.display()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound && !generate => {
+            anyhow::bail!(
+                "an edge checks the tokens the api issues: give it the api's --secret \
+                 (or POLLCAST_SECRET); {} does not exist",
+                path.display()
+            )
+        }
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
         Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
     }

@@ -1,16 +1,23 @@
 //! The `pollcast` server as a library: configuration, wiring of store, domain,
-//! relay and API, and graceful shutdown. `main.rs` only parses the command line and
-//! calls [`Server::start`], so tests start the real server on `127.0.0.1:0`.
+//! relay, API and edge, and graceful shutdown. `main.rs` only parses the command
+//! line and calls [`Server::start`], so tests start the real server on `127.0.0.1:0`.
+//!
+//! A server runs an api part ([`ApiSettings`]: REST, domain, outbox relay, presence
+//! tracking; needs the database), an edge part (`/ws`; needs only the event stream
+//! and the token keys), or both (`--role all`). Both parts answer `/healthz`,
+//! `/readyz` and `/metrics`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
+use axum::Router;
 use axum::routing::get;
 use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use pollcast_api::RateLimitConfig;
-use pollcast_domain::{Domain, DomainConfig};
+use pollcast_api::health::Readiness;
+use pollcast_domain::{Domain, DomainConfig, TokenKeys};
 use pollcast_edge::{Edge, EdgeConfig};
 use pollcast_stream::{EventStream, Retention};
 use tokio::net::TcpListener;
@@ -21,55 +28,57 @@ pub mod config;
 
 pub use config::Config;
 
-/// Everything a server needs besides its listener and event stream.
+/// What a server runs. Token keys are built once, by whoever builds the settings,
+/// and shared by the domain (which issues tokens) and the edge (which checks them).
 #[derive(Clone)]
 pub struct Settings {
+    /// Token keys (secret and lifetime).
+    pub keys: TokenKeys,
+    /// The api part; `None` on an edge-only node.
+    pub api: Option<ApiSettings>,
+    /// The edge part; `None` on an api-only node.
+    pub edge: Option<EdgeConfig>,
+    /// Where `/metrics` reads from; `None` serves no `/metrics` route.
+    pub metrics: Option<PrometheusHandle>,
+}
+
+/// Settings of the api part.
+#[derive(Clone)]
+pub struct ApiSettings {
     /// `sqlite://…` or `postgres://…`.
     pub database_url: String,
     /// Pool size for PostgreSQL (SQLite always uses one connection).
     pub db_max_connections: u32,
-    /// Token signing secret.
-    pub secret: Vec<u8>,
     /// Domain settings.
     pub domain: DomainConfig,
-    /// Where `/metrics` reads from; `None` serves no `/metrics` route.
-    pub metrics: Option<PrometheusHandle>,
-    /// WebSocket edge settings.
-    pub edge: EdgeConfig,
     /// Limits on writes (429).
     pub rate_limits: RateLimitConfig,
     /// This process is the whole deployment (the embedded stream): at start-up it
     /// republishes the retained history from the outbox (the embedded log does not
-    /// survive restarts) and marks every participant disconnected (no connection
-    /// can exist yet). Never set it when several nodes share a database.
+    /// survive restarts) and forgets every connection (none can exist yet). Never
+    /// set it when several nodes share a database or a stream.
     pub single_node: bool,
 }
 
-/// A running server.
-pub struct Server {
-    addr: SocketAddr,
+/// The api part while it runs: the domain and its background tasks.
+struct ApiPart {
     domain: Domain,
-    edge: Edge,
-    shutdown: watch::Sender<bool>,
-    http: JoinHandle<std::io::Result<()>>,
+    rate_limits: RateLimitConfig,
     relay: JoinHandle<()>,
     presence: JoinHandle<()>,
 }
 
-impl Server {
-    /// Connects to the database (applying migrations), starts the outbox relay and
-    /// the presence tracker, and serves the API and the WebSocket edge (`/ws`) on
-    /// `listener`.
-    pub async fn start(
-        listener: TcpListener,
-        settings: Settings,
+impl ApiPart {
+    async fn start(
+        settings: ApiSettings,
+        keys: TokenKeys,
         stream: Arc<dyn EventStream>,
-    ) -> anyhow::Result<Server> {
-        let addr = listener.local_addr().context("listener address")?;
+        shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<ApiPart> {
         let db = pollcast_store::connect(&settings.database_url, settings.db_max_connections)
             .await
             .context("connecting to the database")?;
-        let domain = Domain::new(db, Arc::clone(&stream), &settings.secret, settings.domain);
+        let domain = Domain::new(db, stream, keys, settings.domain);
         let relay = domain.relay();
         if settings.single_node {
             let restored = relay
@@ -86,79 +95,157 @@ impl Server {
                 "single node: history restored, presence reset"
             );
         }
-        let (shutdown, shutdown_rx) = watch::channel(false);
-        let relay = tokio::spawn(relay.run(shutdown_rx.clone()));
-        let presence = tokio::spawn(domain.presence_tracker().run(shutdown_rx.clone()));
-        let send_buffer = settings.edge.socket_send_buffer;
-        let edge = Edge::new(settings.edge, stream, domain.token_keys().clone());
-
-        let mut router =
-            pollcast_api::router(domain.clone(), settings.rate_limits).merge(edge.router());
-        if let Some(handle) = settings.metrics {
-            router = router.route("/metrics", get(move || std::future::ready(handle.render())));
-        }
-        let listener = listener.tap_io(move |tcp| {
-            // Events are small and latency-bound: never wait to fill a segment.
-            if let Err(err) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %err, "TCP_NODELAY not set");
-            }
-            if let Some(bytes) = send_buffer
-                && let Err(err) = socket2::SockRef::from(&*tcp).set_send_buffer_size(bytes)
-            {
-                tracing::debug!(error = %err, "SO_SNDBUF not set");
-            }
-        });
-        let mut stop = shutdown_rx;
-        let http = tokio::spawn(async move {
-            axum::serve(
-                listener,
-                router.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move {
-                // Either a shutdown request or the sender dropping ends serving.
-                let _ = stop.wait_for(|&stop| stop).await;
-            })
-            .await
-        });
-        tracing::info!(%addr, "pollcast listening");
-        Ok(Server {
-            addr,
+        let relay = tokio::spawn(relay.run(shutdown.clone()));
+        let presence = tokio::spawn(domain.presence_tracker().run(shutdown));
+        Ok(ApiPart {
             domain,
-            edge,
-            shutdown,
-            http,
+            rate_limits: settings.rate_limits,
             relay,
             presence,
         })
     }
 
-    /// The address the API listens on.
+    async fn stopped(self) -> anyhow::Result<()> {
+        self.relay.await.context("relay task")?;
+        self.presence.await.context("presence task")?;
+        Ok(())
+    }
+}
+
+/// A running server.
+pub struct Server {
+    addr: SocketAddr,
+    stream: Arc<dyn EventStream>,
+    api: Option<ApiPart>,
+    edge: Option<Edge>,
+    shutdown: watch::Sender<bool>,
+    http: JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    /// Starts the parts `settings` asks for over `stream` and serves them on
+    /// `listener`: the api part connects to the database (applying migrations) and
+    /// starts the outbox relay and the presence tracker; the edge part serves `/ws`.
+    pub async fn start(
+        listener: TcpListener,
+        settings: Settings,
+        stream: Arc<dyn EventStream>,
+    ) -> anyhow::Result<Server> {
+        anyhow::ensure!(
+            settings.api.is_some() || settings.edge.is_some(),
+            "a server runs an api part, an edge part or both"
+        );
+        let addr = listener.local_addr().context("listener address")?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let api = match settings.api {
+            Some(api) => Some(
+                ApiPart::start(
+                    api,
+                    settings.keys.clone(),
+                    Arc::clone(&stream),
+                    shutdown_rx.clone(),
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        let send_buffer = settings.edge.as_ref().and_then(|e| e.socket_send_buffer);
+        let edge = settings
+            .edge
+            .map(|config| Edge::new(config, Arc::clone(&stream), settings.keys.clone()));
+
+        let readiness = match &api {
+            Some(api) => Readiness::Api(api.domain.clone()),
+            None => Readiness::Stream(Arc::clone(&stream)),
+        };
+        let mut router = pollcast_api::health::router(readiness);
+        if let Some(api) = &api {
+            router = router.merge(pollcast_api::router(api.domain.clone(), api.rate_limits));
+        }
+        if let Some(edge) = &edge {
+            router = router.merge(edge.router());
+        }
+        if let Some(handle) = settings.metrics {
+            router = router.route("/metrics", get(move || std::future::ready(handle.render())));
+        }
+        let http = serve(listener, router, send_buffer, shutdown_rx);
+        tracing::info!(%addr, api = api.is_some(), edge = edge.is_some(), "pollcast listening");
+        Ok(Server {
+            addr,
+            stream,
+            api,
+            edge,
+            shutdown,
+            http,
+        })
+    }
+
+    /// The address the server listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
-    /// The domain services (tests drive and inspect through them).
-    pub fn domain(&self) -> &Domain {
-        &self.domain
+    /// The domain services, on a server with an api part.
+    pub fn domain(&self) -> Option<&Domain> {
+        self.api.as_ref().map(|api| &api.domain)
     }
 
-    /// The WebSocket edge.
-    pub fn edge(&self) -> &Edge {
-        &self.edge
+    /// The WebSocket edge, on a server with an edge part.
+    pub fn edge(&self) -> Option<&Edge> {
+        self.edge.as_ref()
+    }
+
+    /// The event stream the server publishes to or reads from.
+    pub fn stream(&self) -> &Arc<dyn EventStream> {
+        &self.stream
     }
 
     /// Closes WebSocket connections (1001, after flushing their queues), stops
     /// accepting requests, finishes those in flight, publishes pending events and
     /// returns.
     pub async fn shutdown(self) -> anyhow::Result<()> {
-        self.edge.shutdown().await;
+        if let Some(edge) = &self.edge {
+            edge.shutdown().await;
+        }
         let _ = self.shutdown.send(true);
         self.http
             .await
             .context("http task")?
             .context("http server")?;
-        self.relay.await.context("relay task")?;
-        self.presence.await.context("presence task")?;
+        if let Some(api) = self.api {
+            api.stopped().await?;
+        }
         Ok(())
     }
+}
+
+/// Serves `router` until `stop` turns true.
+fn serve(
+    listener: TcpListener,
+    router: Router,
+    send_buffer: Option<usize>,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<std::io::Result<()>> {
+    let listener = listener.tap_io(move |tcp| {
+        // Events are small and latency-bound: never wait to fill a segment.
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %err, "TCP_NODELAY not set");
+        }
+        if let Some(bytes) = send_buffer
+            && let Err(err) = socket2::SockRef::from(&*tcp).set_send_buffer_size(bytes)
+        {
+            tracing::debug!(error = %err, "SO_SNDBUF not set");
+        }
+    });
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            // Either a shutdown request or the sender dropping ends serving.
+            let _ = stop.wait_for(|&stop| stop).await;
+        })
+        .await
+    })
 }

@@ -1,14 +1,12 @@
 //! The `pollcast` command: parses configuration, starts the server, waits for
 //! SIGINT/SIGTERM and shuts down gracefully.
 
-use std::sync::Arc;
-
 use anyhow::Context;
 use clap::Parser;
 use metrics_exporter_prometheus::PrometheusBuilder;
-use pollcast::config::{Command, Config, ServeArgs, StoreArgs};
-use pollcast::{Server, Settings};
-use pollcast_stream::EmbeddedStream;
+use pollcast::config::{Command, Config, Role, ServeArgs, StoreArgs};
+use pollcast::{ApiSettings, Server, Settings};
+use pollcast_domain::TokenKeys;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
@@ -26,23 +24,35 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    args.validate()?;
     let metrics = PrometheusBuilder::new()
         .install_recorder()
         .context("installing the metrics recorder")?;
-    let settings = Settings {
-        database_url: args.store.database_url()?,
-        db_max_connections: args.store.db_max_connections,
-        secret: args.secret()?,
-        domain: args.domain_config(),
-        metrics: Some(metrics),
-        edge: args.edge_config(),
-        rate_limits: args.rate_limits(),
-        single_node: true,
+    let keys = TokenKeys::new(&args.secret()?, args.token_lifetime());
+    let stream_config = args.stream.stream_config();
+    let api = match args.role {
+        Role::Edge => None,
+        Role::Api | Role::All => Some(ApiSettings {
+            database_url: args.store.database_url()?,
+            db_max_connections: args.store.db_max_connections,
+            domain: args.domain_config(),
+            rate_limits: args.rate_limits(),
+            single_node: stream_config.is_embedded(),
+        }),
     };
+    let edge = (args.role != Role::Api).then(|| args.edge_config());
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    let stream = Arc::new(EmbeddedStream::default());
+    let stream = pollcast_stream::connect(&stream_config)
+        .await
+        .context("connecting to the event stream")?;
+    let settings = Settings {
+        keys,
+        api,
+        edge,
+        metrics: Some(metrics),
+    };
     let server = Server::start(listener, settings, stream).await?;
     shutdown_signal().await;
     tracing::info!("shutting down");
