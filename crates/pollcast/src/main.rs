@@ -18,7 +18,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     match Config::parse().command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Migrate(args) => migrate(args).await,
     }
 }
