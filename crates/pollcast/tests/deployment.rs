@@ -1,0 +1,413 @@
+//! pollcast as a deployment: an api process and edge processes of the real binary
+//! on a real nats-server (or a three-node JetStream cluster), over real HTTP and
+//! WebSocket sockets. Each test has servers of its own; processes are SIGKILLed
+//! the way crashes kill them.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use pollcast_protocol::EventId;
+use pollcast_tests::client::{Presenter, id_of, option_id, vote_counts};
+use pollcast_tests::nats::{NatsCluster, NatsServer};
+use pollcast_tests::process::Pollcast;
+use pollcast_tests::ws::{Format, Listening, WsClient, query};
+use pollcast_tests::{Api, exclusive};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pollcast");
+const SECRET: &str = "pollcast deployment test secret";
+
+/// One api process and some edge processes on the same NATS.
+struct Deployment {
+    api: Pollcast,
+    edges: Vec<Pollcast>,
+    _data: tempfile::TempDir,
+}
+
+impl Deployment {
+    /// `extra` flags go to every process (heartbeat settings, replicas).
+    async fn start(nats_urls: &str, edges: usize, extra: &[&str]) -> Deployment {
+        let data = tempfile::tempdir().expect("temp dir");
+        let data_dir = data.path().display().to_string();
+        let common = |role: &'static str| -> Vec<&str> {
+            let mut args = vec!["--role", role, "--nats-url", nats_urls, "--secret", SECRET];
+            args.extend_from_slice(extra);
+            args
+        };
+        let mut api_args = common("api");
+        api_args.extend([
+            "--data-dir",
+            data_dir.as_str(),
+            "--presence-flush-ms",
+            "200",
+        ]);
+        let env = [("POLLCAST_LOG", "info")];
+        let api = Pollcast::serve(BIN, &api_args, &env).await;
+        let mut started = Vec::new();
+        for _ in 0..edges {
+            started.push(Pollcast::serve(BIN, &common("edge"), &env).await);
+        }
+        for process in std::iter::once(&api).chain(&started) {
+            process.wait_ready(200).await;
+        }
+        Deployment {
+            api,
+            edges: started,
+            _data: data,
+        }
+    }
+}
+
+/// A presenter listening on `edge`, past `connection:established`.
+async fn listen(edge: &Pollcast, p: &Presenter, last_event_id: Option<&str>) -> Listening {
+    let client = WsClient::connect(
+        edge.addr,
+        &query(&p.session_id, &p.token, last_event_id, Format::Json),
+    )
+    .await;
+    let mut listening = client.listen();
+    let established = listening.envelope().await;
+    assert_eq!(
+        established["eventType"], "connection:established",
+        "{established}"
+    );
+    listening
+}
+
+/// Envelopes until (and including) the first of `event_type`.
+async fn until(client: &mut Listening, event_type: &str) -> Vec<Value> {
+    let mut frames = Vec::new();
+    loop {
+        let frame = client.envelope().await;
+        let done = frame["eventType"] == event_type;
+        frames.push(frame);
+        if done {
+            return frames;
+        }
+    }
+}
+
+/// Stream positions of domain events (connection frames have no id).
+fn positions(session: &str, frames: &[Value]) -> Vec<u64> {
+    let session: Uuid = session.parse().expect("uuid");
+    frames
+        .iter()
+        .filter_map(|f| f["eventId"].as_str())
+        .map(|id| {
+            id.parse::<EventId>()
+                .expect("event id")
+                .position_in(session)
+                .expect("an id of this session")
+        })
+        .collect()
+}
+
+/// Asserts that positions run without a gap or a repeat.
+#[track_caller]
+fn assert_consecutive(positions: &[u64]) {
+    assert!(!positions.is_empty());
+    let expected: Vec<u64> = (positions[0]..positions[0] + positions.len() as u64).collect();
+    assert_eq!(positions, expected.as_slice(), "gap, repeat or reordering");
+}
+
+fn count(frames: &[Value], event_type: &str) -> usize {
+    frames
+        .iter()
+        .filter(|f| f["eventType"] == event_type)
+        .count()
+}
+
+/// `voters` participants joined to a started session with an active poll.
+async fn session_with_voters(api: &Api, voters: usize) -> (Presenter, Value, Vec<String>) {
+    let p = api.started_session().await;
+    let poll = api.active_poll(&p).await;
+    let mut tokens = Vec::new();
+    for i in 0..voters {
+        tokens.push(api.join(&p.code, &format!("voter {i}")).await.token);
+    }
+    (p, poll, tokens)
+}
+
+/// Casts one vote per token, eight at a time, counting successes in `done`;
+/// returns the statuses.
+async fn vote_all(
+    api: Api,
+    poll: String,
+    option: String,
+    tokens: Vec<String>,
+    done: Arc<AtomicUsize>,
+) -> Vec<u16> {
+    futures::stream::iter(tokens)
+        .map(|token| {
+            let (api, poll, option, done) =
+                (api.clone(), poll.clone(), option.clone(), Arc::clone(&done));
+            async move {
+                let reply = api.vote(&poll, &token, &[&option]).await;
+                done.fetch_add(1, Ordering::SeqCst);
+                reply.status
+            }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await
+}
+
+/// Waits (at most 30 s) until `counter` reaches `n`.
+async fn reached(counter: &AtomicUsize, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while counter.load(Ordering::SeqCst) < n {
+        assert!(
+            Instant::now() < deadline,
+            "stuck at {}",
+            counter.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_on_two_edges_get_identical_sequences_and_move_between_edges_without_gaps() {
+    let _guard = exclusive().await;
+    let nats = NatsServer::start();
+    let d = Deployment::start(&nats.url(), 2, &[]).await;
+    let (p, poll, tokens) = session_with_voters(&d.api.api, 20).await;
+    let mut on_a = listen(&d.edges[0], &p, None).await;
+    let mut on_b = listen(&d.edges[1], &p, None).await;
+    let statuses = vote_all(
+        d.api.api.clone(),
+        id_of(&poll),
+        option_id(&poll, 0),
+        tokens,
+        Arc::new(AtomicUsize::new(0)),
+    )
+    .await;
+    assert!(statuses.iter().all(|&s| s == 201), "{statuses:?}");
+    d.api
+        .api
+        .act(
+            &format!("/api/polls/{}/close", id_of(&poll)),
+            Some(&p.token),
+        )
+        .await
+        .expect(200);
+    let seen_a = until(&mut on_a, "poll:closed").await;
+    let seen_b = until(&mut on_b, "poll:closed").await;
+    assert_eq!(
+        seen_a, seen_b,
+        "both edges deliver the same events, same ids, same order"
+    );
+    assert_consecutive(&positions(&p.session_id, &seen_a));
+    assert_eq!(count(&seen_a, "vote:accepted"), 20);
+
+    // A client that had read half of it on edge B comes back on edge A.
+    let half = seen_a.len() / 2;
+    let last_id = seen_a[half - 1]["eventId"].as_str().expect("id").to_owned();
+    drop(on_b);
+    let mut moved = WsClient::connect(
+        d.edges[0].addr,
+        &query(&p.session_id, &p.token, Some(&last_id), Format::Json),
+    )
+    .await
+    .listen();
+    assert_eq!(
+        moved.envelope().await["eventType"],
+        "connection:established"
+    );
+    let replay = until(&mut moved, "connection:reconnected").await;
+    let reconnected = replay.last().expect("frame");
+    assert_eq!(reconnected["payload"]["recovered"], true);
+    assert_eq!(
+        &replay[..replay.len() - 1],
+        &seen_a[half..],
+        "exactly the rest"
+    );
+    // And live events continue on the new edge with nothing repeated.
+    let second = d
+        .api
+        .api
+        .create_poll(&p, json!({ "question": "Next?", "options": ["a", "b"] }))
+        .await;
+    let live = until(&mut moved, "poll:created").await;
+    assert_eq!(live.len(), 1, "{live:?}");
+    assert_eq!(live[0]["payload"]["poll"]["id"], second["id"]);
+    let mut all = positions(&p.session_id, &seen_a);
+    all.extend(positions(&p.session_id, &live));
+    assert_consecutive(&all);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_killed_mid_storm_and_restarted_loses_nothing_and_keeps_order() {
+    let _guard = exclusive().await;
+    let mut nats = NatsServer::start();
+    let d = Deployment::start(&nats.url(), 1, &[]).await;
+    let (p, poll, tokens) = session_with_voters(&d.api.api, 80).await;
+    let mut presenter = listen(&d.edges[0], &p, None).await;
+    let done = Arc::new(AtomicUsize::new(0));
+    let storm = tokio::spawn(vote_all(
+        d.api.api.clone(),
+        id_of(&poll),
+        option_id(&poll, 0),
+        tokens,
+        Arc::clone(&done),
+    ));
+    reached(&done, 20).await;
+    nats.kill();
+    // Both roles report the outage; writes go on committing to the outbox.
+    d.api.wait_ready(503).await;
+    d.edges[0].wait_ready(503).await;
+    reached(&done, 50).await;
+    nats.start_again();
+    d.api.wait_ready(200).await;
+    d.edges[0].wait_ready(200).await;
+    let statuses = storm.await.expect("storm");
+    assert!(statuses.iter().all(|&s| s == 201), "{statuses:?}");
+    d.api
+        .api
+        .act(
+            &format!("/api/polls/{}/close", id_of(&poll)),
+            Some(&p.token),
+        )
+        .await
+        .expect(200);
+    let frames = until(&mut presenter, "poll:closed").await;
+    assert_consecutive(&positions(&p.session_id, &frames));
+    assert_eq!(count(&frames, "vote:accepted"), 80, "every vote, once");
+    let results = d.api.api.results(&id_of(&poll), &p.token).await;
+    assert_eq!(vote_counts(&results), vec![80, 0, 0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_killed_with_events_in_the_outbox_delivers_each_once_after_its_restart() {
+    let _guard = exclusive().await;
+    let mut nats = NatsServer::start();
+    let mut d = Deployment::start(&nats.url(), 1, &[]).await;
+    let (p, poll, tokens) = session_with_voters(&d.api.api, 30).await;
+    let mut presenter = listen(&d.edges[0], &p, None).await;
+    // With NATS gone, every vote commits and its events wait in the outbox.
+    nats.kill();
+    let statuses = vote_all(
+        d.api.api.clone(),
+        id_of(&poll),
+        option_id(&poll, 1),
+        tokens,
+        Arc::new(AtomicUsize::new(0)),
+    )
+    .await;
+    assert!(statuses.iter().all(|&s| s == 201), "{statuses:?}");
+    d.api.kill();
+    nats.start_again();
+    d.api.start_again().await;
+    d.api.wait_ready(200).await;
+    d.api
+        .api
+        .act(
+            &format!("/api/polls/{}/close", id_of(&poll)),
+            Some(&p.token),
+        )
+        .await
+        .expect(200);
+    let frames = until(&mut presenter, "poll:closed").await;
+    let got = positions(&p.session_id, &frames);
+    assert_consecutive(&got);
+    assert_eq!(got.iter().collect::<HashSet<_>>().len(), got.len());
+    assert_eq!(
+        count(&frames, "vote:accepted"),
+        30,
+        "each pending event once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_killed_gets_its_participants_disconnected_within_the_heartbeat_timeout() {
+    let _guard = exclusive().await;
+    let nats = NatsServer::start();
+    let heartbeat = [
+        "--heartbeat-interval-ms",
+        "300",
+        "--heartbeat-timeout-ms",
+        "1000",
+    ];
+    let mut d = Deployment::start(&nats.url(), 2, &heartbeat).await;
+    let p = d.api.api.started_session().await;
+    let ada = d.api.api.join(&p.code, "Ada").await;
+    let mut presenter = listen(&d.edges[0], &p, None).await;
+    let participant = WsClient::connect(
+        d.edges[1].addr,
+        &query(&p.session_id, &ada.token, None, Format::Json),
+    )
+    .await
+    .listen();
+    let connected = |api: Api, p: Presenter| async move {
+        let list = api
+            .get(
+                &format!("/api/sessions/{}/participants", p.session_id),
+                Some(&p.token),
+            )
+            .await
+            .expect(200);
+        list[0]["connected"].as_bool().expect("connected")
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !connected(d.api.api.clone(), p.clone()).await {
+        assert!(Instant::now() < deadline, "never marked connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    d.edges[1].kill();
+    let killed = Instant::now();
+    let left = tokio::time::timeout(
+        Duration::from_secs(8),
+        until(&mut presenter, "participant:disconnected"),
+    )
+    .await
+    .expect("participant:disconnected after the edge died");
+    let elapsed = killed.elapsed();
+    assert_eq!(
+        left.last().expect("frame")["payload"]["participantId"],
+        ada.id
+    );
+    // Timeout 1 s, plus the api's flush interval twice and a second of slack.
+    assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
+    assert!(!connected(d.api.api.clone(), p.clone()).await);
+    drop(participant);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_cluster_losing_a_node_mid_storm_loses_nothing() {
+    let _guard = exclusive().await;
+    let mut cluster = NatsCluster::start();
+    let urls = cluster.urls().join(",");
+    let d = Deployment::start(&urls, 1, &["--stream-replicas", "3"]).await;
+    let (p, poll, tokens) = session_with_voters(&d.api.api, 60).await;
+    let mut presenter = listen(&d.edges[0], &p, None).await;
+    let done = Arc::new(AtomicUsize::new(0));
+    let storm = tokio::spawn(vote_all(
+        d.api.api.clone(),
+        id_of(&poll),
+        option_id(&poll, 0),
+        tokens,
+        Arc::clone(&done),
+    ));
+    reached(&done, 20).await;
+    cluster.nodes[0].kill();
+    let statuses = storm.await.expect("storm");
+    assert!(statuses.iter().all(|&s| s == 201), "{statuses:?}");
+    d.api
+        .api
+        .act(
+            &format!("/api/polls/{}/close", id_of(&poll)),
+            Some(&p.token),
+        )
+        .await
+        .expect(200);
+    let frames = until(&mut presenter, "poll:closed").await;
+    assert_consecutive(&positions(&p.session_id, &frames));
+    assert_eq!(count(&frames, "vote:accepted"), 60);
+    assert_eq!(
+        vote_counts(&d.api.api.results(&id_of(&poll), &p.token).await),
+        vec![60, 0, 0]
+    );
+}
