@@ -152,6 +152,11 @@ impl NatsServer {
         self.pid = Some(pid.trim().parse().expect("pid"));
     }
 
+    /// The nats-server process id, while it runs (benchmarks read its memory).
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
     /// The server's log so far (for failure messages).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("nats.log")).unwrap_or_default()

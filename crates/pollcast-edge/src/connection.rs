@@ -23,34 +23,16 @@ use tokio::time::{Instant, timeout};
 use uuid::Uuid;
 
 use crate::Edge;
+use crate::close::CloseReason;
 use crate::frame::{EncodedEvent, connection_frame};
 use crate::limits::Admission;
+use crate::pager::{Page, Pager};
 use crate::query::{self, ConnectRequest};
 use crate::reader::{self, Inbound};
 use crate::room::{Member, Queued, SendQueue};
 
-/// Events read per round trip while replaying.
-const REPLAY_BATCH: usize = 512;
 /// How long to wait for the client's close frame after sending ours.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
-
-/// Why a connection is refused or dropped: close code, `connection:error` code,
-/// message.
-struct Close {
-    status: u16,
-    code: &'static str,
-    message: String,
-}
-
-impl Close {
-    fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-}
 
 /// Serves one upgraded connection until it ends.
 pub(crate) async fn serve<S>(edge: Edge, ws: WebSocket<S>, query: String)
@@ -69,7 +51,7 @@ where
     match admit(&edge, &query).await {
         Err((session_id, refusal)) => {
             out.session_id = session_id;
-            metrics::counter!("pollcast_edge_refused_total", "code" => refusal.code).increment(1);
+            metrics::counter!("pollcast_edge_refused_total", "code" => refusal.code()).increment(1);
             if out.close(&refusal).await.is_ok() {
                 linger(&mut inbound).await;
             }
@@ -85,39 +67,33 @@ where
     reader.abort();
 }
 
-/// Decides whether the connection may open: 4400, 4401, 4403, 4404, 4429.
+/// Decides whether the connection may open: 4400, 4401, 4403, 4404, 4429, or
+/// 1013 while the event stream cannot be reached.
 async fn admit<'e>(
     edge: &'e Edge,
     query: &str,
-) -> Result<(ConnectRequest, Claims, Admission<'e>), (Uuid, Close)> {
+) -> Result<(ConnectRequest, Claims, Admission<'e>), (Uuid, CloseReason)> {
     let request =
-        query::parse(query).map_err(|bad| (Uuid::nil(), Close::new(4400, "bad_request", bad.0)))?;
+        query::parse(query).map_err(|bad| (Uuid::nil(), CloseReason::BadRequest(bad.0)))?;
     let session = request.session_id;
     let claims = edge
         .inner
         .keys
         .verify(&request.token)
-        .map_err(|err| (session, Close::new(4401, "unauthorized", err.to_string())))?;
+        .map_err(|err| (session, CloseReason::Unauthorized(err.to_string())))?;
     if claims.session_id != session {
-        return Err((
-            session,
-            Close::new(4403, "forbidden", "token belongs to another session"),
-        ));
+        return Err((session, CloseReason::Forbidden));
     }
     match session_known(edge, session).await {
         Ok(true) => {}
-        Ok(false) => {
-            return Err((
-                session,
-                Close::new(4404, "session_not_found", "no such session"),
-            ));
-        }
-        Err(err) => return Err((session, Close::new(1011, "unavailable", err.to_string()))),
+        Ok(false) => return Err((session, CloseReason::SessionNotFound)),
+        Err(err) => return Err((session, err.into())),
     }
-    let admission = edge.inner.limits.admit(claims.participant_id).ok_or((
-        session,
-        Close::new(4429, "too_many_connections", "connection limit reached"),
-    ))?;
+    let admission = edge
+        .inner
+        .limits
+        .admit(claims.participant_id)
+        .ok_or((session, CloseReason::TooManyConnections))?;
     Ok((request, claims, admission))
 }
 
@@ -142,8 +118,8 @@ async fn session_known(edge: &Edge, session: Uuid) -> Result<bool, pollcast_stre
 
 /// How the main loop ended.
 enum End {
-    /// Close with this code.
-    Close(Close),
+    /// Close for this reason.
+    Close(CloseReason),
     /// The client closed, or the socket broke: nothing more to send.
     Gone,
     /// The node shuts down: flush the queue, then 1001.
@@ -184,8 +160,7 @@ async fn run<S>(
         .join(session_id, connection_id, member)
         .await
     {
-        let refusal = Close::new(1011, "unavailable", err.to_string());
-        let _ = connection.out.close(&refusal).await;
+        let _ = connection.out.close(&err.into()).await;
         return;
     }
     connection.presence(PresenceKind::Connected).await;
@@ -195,12 +170,7 @@ async fn run<S>(
         End::Close(close) => connection.out.close(&close).await.is_ok(),
         End::Shutdown => {
             connection.flush_queue().await;
-            let close = Close::new(
-                1001,
-                "going_away",
-                "server shutting down; reconnect with lastEventId",
-            );
-            connection.out.close(&close).await.is_ok()
+            connection.out.close(&CloseReason::GoingAway).await.is_ok()
         }
     };
     edge.inner.rooms.leave(session_id, connection_id).await;
@@ -249,7 +219,7 @@ where
         // Read after joining the room: anything newer is in the queue.
         let newest = match self.edge.inner.stream.newest(self.session_id).await {
             Ok(newest) => newest,
-            Err(err) => return End::Close(Close::new(1011, "unavailable", err.to_string())),
+            Err(err) => return End::Close(err.into()),
         };
         self.last = newest.unwrap_or(0);
         let established = ConnectionEvent::Established {
@@ -304,23 +274,23 @@ where
                     Some(Inbound::BadFrame(why)) => self.bad_frame(&why).await,
                     Some(Inbound::Control(opcode, payload)) => self.out.control(opcode, payload).await,
                     Some(Inbound::TooLarge) => {
-                        return End::Close(Close::new(1009, "message_too_large", "client frames are limited to 4 KiB"));
+                        return End::Close(CloseReason::MessageTooLarge);
                     }
                     Some(Inbound::Closed) | None => return End::Gone,
                 },
                 queued = self.live.recv() => match queued {
                     Some(Some(event)) => {
                         if self.queue.overflowed.load(Ordering::Relaxed) {
-                            return End::Close(slow_consumer());
+                            return End::Close(CloseReason::SlowConsumer);
                         }
                         self.send_live(&event).await
                     }
-                    Some(None) => return End::Close(slow_consumer()),
+                    Some(None) => return End::Close(CloseReason::SlowConsumer),
                     None => return End::Gone,
                 },
                 _ = ping.tick() => self.out.send_connection(ConnectionEvent::Ping {}).await,
                 () = &mut pong_deadline => {
-                    return End::Close(Close::new(4408, "heartbeat_timeout", "no heartbeat:pong in time"));
+                    return End::Close(CloseReason::HeartbeatTimeout);
                 }
             };
             if sent.is_err() {
@@ -351,28 +321,12 @@ where
             }
         }
         let stream = Arc::clone(&self.edge.inner.stream);
-        loop {
-            let Ok(batch) = stream
-                .read_after(self.session_id, self.last, REPLAY_BATCH)
-                .await
-            else {
-                return;
-            };
-            if batch.truncated || batch.events.is_empty() {
-                return;
-            }
-            for event in batch.events {
+        let mut pager = Pager::new(&*stream, self.session_id, self.last);
+        while let Ok(Page::Events(events)) = pager.next().await {
+            for event in events {
                 self.last = event.position;
-                if self.may_see(&event) {
-                    let encoded = EncodedEvent::new(event);
-                    if self
-                        .out
-                        .send(encoded.bytes(self.out.format).unwrap_or_default())
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
+                if self.may_see(&event) && self.send_event(event).await.is_err() {
+                    return;
                 }
             }
         }
@@ -389,39 +343,31 @@ where
         match from.position_in(self.session_id) {
             Err(_) => recovered = false,
             Ok(after) => {
-                let mut cursor = after;
+                let mut pager = Pager::new(&*stream, self.session_id, after);
                 loop {
-                    let batch = match stream
-                        .read_after(self.session_id, cursor, REPLAY_BATCH)
-                        .await
-                    {
-                        Ok(batch) => batch,
+                    match pager.next().await {
+                        Ok(Page::Events(events)) => {
+                            for event in events {
+                                if self.may_see(&event) {
+                                    self.send_event(event).await?;
+                                    replayed += 1;
+                                }
+                            }
+                        }
+                        Ok(Page::End) => break,
+                        Ok(Page::Truncated) => {
+                            recovered = false;
+                            break;
+                        }
                         Err(err) => {
                             tracing::warn!(error = %err, "replay read failed");
                             recovered = false;
                             break;
                         }
-                    };
-                    if batch.truncated {
-                        recovered = false;
-                        break;
-                    }
-                    if batch.events.is_empty() {
-                        break;
-                    }
-                    for event in batch.events {
-                        cursor = event.position;
-                        if self.may_see(&event) {
-                            let encoded = EncodedEvent::new(event);
-                            self.out
-                                .send(encoded.bytes(self.out.format).unwrap_or_default())
-                                .await?;
-                            replayed += 1;
-                        }
                     }
                 }
                 if recovered {
-                    self.last = self.last.max(cursor);
+                    self.last = self.last.max(pager.position());
                 }
             }
         }
@@ -432,6 +378,14 @@ where
             recovered,
         };
         self.out.send_connection(reconnected).await
+    }
+
+    /// Encodes a replayed event for this connection alone and sends it.
+    async fn send_event(&mut self, event: Arc<SessionEvent>) -> Result<(), Broken> {
+        let encoded = EncodedEvent::new(event);
+        self.out
+            .send(encoded.bytes(self.out.format).unwrap_or_default())
+            .await
     }
 
     fn may_see(&self, event: &SessionEvent) -> bool {
@@ -466,14 +420,6 @@ where
             tracing::warn!(error = %err, "presence not reported");
         }
     }
-}
-
-fn slow_consumer() -> Close {
-    Close::new(
-        4500,
-        "slow_consumer",
-        "send queue overflowed; reconnect with lastEventId",
-    )
 }
 
 /// The socket broke or a write timed out; the connection is over.
@@ -528,13 +474,13 @@ where
     }
 
     /// `connection:error`, then the close frame.
-    async fn close(&mut self, close: &Close) -> Result<(), Broken> {
+    async fn close(&mut self, reason: &CloseReason) -> Result<(), Broken> {
         let error = ConnectionEvent::Error {
-            code: close.code.to_owned(),
-            message: close.message.clone(),
+            code: reason.code().to_owned(),
+            message: reason.message(),
         };
         self.send_connection(error).await?;
-        self.write(Frame::close(close.status, close.code.as_bytes()))
+        self.write(Frame::close(reason.status(), reason.code().as_bytes()))
             .await
     }
 }

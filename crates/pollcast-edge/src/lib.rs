@@ -8,8 +8,9 @@
 //!
 //! Files follow the life of a connection: [`query`] (what the client asked for),
 //! [`limits`] (may it connect), [`room`] (the session's fan-out), [`frame`] (bytes
-//! encoded once per format), `connection` (the per-connection task: replay, live
-//! events, heartbeat, closing), `reader` (client frames).
+//! encoded once per format), [`pager`] (reading the log after a position),
+//! `connection` (the per-connection task: replay, live events, heartbeat, closing),
+//! `reader` (client frames), [`close`] (every reason to close, and its codes).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,9 +25,11 @@ use pollcast_protocol::token::TokenKeys;
 use pollcast_stream::EventStream;
 use tokio::sync::watch;
 
+pub mod close;
 mod connection;
 pub mod frame;
 pub mod limits;
+pub mod pager;
 pub mod query;
 mod reader;
 pub mod room;

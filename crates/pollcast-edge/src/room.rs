@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use pollcast_protocol::{SessionEvent, WireFormat};
 use pollcast_stream::{EventStream, StreamError, Subscription};
@@ -13,9 +14,13 @@ use tokio::sync::{Notify, mpsc};
 use uuid::Uuid;
 
 use crate::frame::EncodedEvent;
+use crate::pager::{Page, Pager};
 
-/// Events read per catch-up round after a lag.
-const CATCH_UP_BATCH: usize = 1024;
+/// First wait before a catch-up that came up short is tried again; it doubles up
+/// to [`CATCH_UP_RETRY_MAX`].
+const CATCH_UP_RETRY: Duration = Duration::from_millis(20);
+/// Longest wait between catch-up retries.
+const CATCH_UP_RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// What a room puts in a connection's queue: an event, or `None` to say the queue
 /// overflowed and the connection must close as a slow consumer.
@@ -71,6 +76,14 @@ impl SendQueue {
             return false;
         }
         self.tx.send(Some(Arc::clone(event))).is_ok()
+    }
+
+    /// Makes the connection close as if it had overflowed: it must reconnect with
+    /// its last event id, and the replay tells it what can still be recovered.
+    fn overflow(&self) {
+        if !self.overflowed.swap(true, Ordering::Relaxed) {
+            let _ = self.tx.send(None);
+        }
     }
 }
 
@@ -179,29 +192,53 @@ impl Rooms {
 }
 
 /// The room's task: follows the session's live events and dispatches them in
-/// position order, filling any hole (a lagging subscription) from the log.
+/// position order, filling any hole (a lagging subscription, a reconnect) from the
+/// log. When the log cannot fill it yet (a replica a moment behind the live
+/// message), it tries again shortly rather than waiting for the next event.
 async fn run(room: Arc<Room>, mut live: Subscription, stream: Arc<dyn EventStream>, mut last: u64) {
+    // The newest position known to exist; the room owes its members all up to it.
+    let mut owed = last;
+    let retry = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(retry);
+    let mut backoff: Option<Duration> = None;
     loop {
         let next = tokio::select! {
             () = room.stop.notified() => break,
-            next = live.next() => next,
+            () = &mut retry, if backoff.is_some() => None,
+            next = live.next() => Some(next),
         };
-        match next {
-            Ok(event) if event.position <= last => {}
-            Ok(event) if last == 0 || event.position == last + 1 => {
+        let fill = match next {
+            None => true,
+            Some(Ok(event)) if event.position <= last => false,
+            Some(Ok(event)) if last == 0 || event.position == last + 1 => {
                 last = event.position;
+                owed = owed.max(last);
                 room.dispatch(event);
+                false
             }
-            Ok(_) | Err(StreamError::Lagged { .. }) => {
-                if let Err(err) = catch_up(&room, &*stream, &mut last).await {
-                    tracing::warn!(session = %room.session_id, error = %err, "room catch-up failed");
-                }
+            Some(Ok(event)) => {
+                owed = owed.max(event.position);
+                true
             }
-            Err(err) => {
+            Some(Err(StreamError::Lagged { .. })) => true,
+            Some(Err(err)) => {
                 tracing::warn!(session = %room.session_id, error = %err, "room subscription ended");
                 break;
             }
+        };
+        if !fill {
+            continue;
         }
+        if let Err(err) = catch_up(&room, &*stream, &mut last).await {
+            tracing::warn!(session = %room.session_id, error = %err, "room catch-up failed");
+        }
+        backoff = if last < owed {
+            let wait = backoff.map_or(CATCH_UP_RETRY, |b| (b * 2).min(CATCH_UP_RETRY_MAX));
+            retry.as_mut().reset(tokio::time::Instant::now() + wait);
+            Some(wait)
+        } else {
+            None
+        };
     }
 }
 
@@ -210,16 +247,27 @@ async fn catch_up(
     stream: &dyn EventStream,
     last: &mut u64,
 ) -> Result<(), StreamError> {
+    let mut pager = Pager::new(stream, room.session_id, *last);
     loop {
-        let batch = stream
-            .read_after(room.session_id, *last, CATCH_UP_BATCH)
-            .await?;
-        if batch.events.is_empty() {
-            return Ok(());
-        }
-        for event in batch.events {
-            *last = event.position;
-            room.dispatch(event);
+        match pager.next().await? {
+            Page::Events(events) => {
+                for event in events {
+                    *last = event.position;
+                    room.dispatch(event);
+                }
+            }
+            Page::End => return Ok(()),
+            Page::Truncated => {
+                // The log lost what the room missed: nothing can fill the hole, and
+                // members must not see a silent gap. They reconnect with their last
+                // id, and the replay tells them `recovered: false`.
+                tracing::warn!(session = %room.session_id, after = *last, "room fell behind the history window");
+                for member in room.members().values() {
+                    member.queue.overflow();
+                }
+                *last = stream.newest(room.session_id).await?.unwrap_or(*last);
+                return Ok(());
+            }
         }
     }
 }
