@@ -77,9 +77,17 @@ async fn main() -> anyhow::Result<()> {
     };
     // The engine creates the stream the way a deployment does.
     let _engine = JetStreamStream::connect(config.clone(), Retention::default()).await?;
-    let client = async_nats::connect(urls.join(",")).await?;
+    let client = async_nats::connect(urls.clone()).await?;
     let js = async_nats::jetstream::new(client.clone());
-    let stream = js.get_stream(&config.stream_name).await?;
+    let mut stream = js.get_stream(&config.stream_name).await?;
+    if args.mode != Mode::Core {
+        // nats-server 2.15 allows 1 000 consumers per stream unless the stream sets
+        // a (positive) limit of its own; -1 no longer means unlimited (error 10026).
+        let mut lifted = stream.info().await?.config.clone();
+        lifted.max_consumers = 20_000;
+        js.update_stream(lifted).await?;
+        stream = js.get_stream(&config.stream_name).await?;
+    }
     let memory = || -> u64 { servers.iter().filter_map(|s| s.pid()).map(rss_kib).sum() };
     let before = memory();
     let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
@@ -94,6 +102,7 @@ async fn main() -> anyhow::Result<()> {
         }
         let subject = format!("{}.session.{}", config.subject_prefix, Uuid::now_v7());
         let t = Instant::now();
+        let result: anyhow::Result<()> = async {
         match args.mode {
             Mode::Core => {
                 keep_subscriptions.push(client.subscribe(subject).await?);
@@ -122,6 +131,12 @@ async fn main() -> anyhow::Result<()> {
                     .await?;
                 keep_consumers.push(name);
             }
+        }
+        Ok(())
+        }.await;
+        if let Err(err) = result {
+            println!("stopped after {opened} rooms: {err}");
+            break;
         }
         latencies.push(t.elapsed().as_secs_f64() * 1000.0);
         opened += 1;
