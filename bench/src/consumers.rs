@@ -103,37 +103,38 @@ async fn main() -> anyhow::Result<()> {
         let subject = format!("{}.session.{}", config.subject_prefix, Uuid::now_v7());
         let t = Instant::now();
         let result: anyhow::Result<()> = async {
-        match args.mode {
-            Mode::Core => {
-                keep_subscriptions.push(client.subscribe(subject).await?);
-                // A subscription exists once the server has it: a round trip.
-                client.flush().await?;
+            match args.mode {
+                Mode::Core => {
+                    keep_subscriptions.push(client.subscribe(subject).await?);
+                    // A subscription exists once the server has it: a round trip.
+                    client.flush().await?;
+                }
+                Mode::Ordered => {
+                    let consumer = stream
+                        .create_consumer(pull::OrderedConfig {
+                            filter_subject: subject,
+                            deliver_policy: DeliverPolicy::New,
+                            ..Default::default()
+                        })
+                        .await?;
+                    keep_consumers.push(consumer.cached_info().name.clone());
+                }
+                Mode::Durable => {
+                    let name = format!("room-{i}");
+                    stream
+                        .create_consumer(pull::Config {
+                            durable_name: Some(name.clone()),
+                            filter_subject: subject,
+                            deliver_policy: DeliverPolicy::New,
+                            ..Default::default()
+                        })
+                        .await?;
+                    keep_consumers.push(name);
+                }
             }
-            Mode::Ordered => {
-                let consumer = stream
-                    .create_consumer(pull::OrderedConfig {
-                        filter_subject: subject,
-                        deliver_policy: DeliverPolicy::New,
-                        ..Default::default()
-                    })
-                    .await?;
-                keep_consumers.push(consumer.cached_info().name.clone());
-            }
-            Mode::Durable => {
-                let name = format!("room-{i}");
-                stream
-                    .create_consumer(pull::Config {
-                        durable_name: Some(name.clone()),
-                        filter_subject: subject,
-                        deliver_policy: DeliverPolicy::New,
-                        ..Default::default()
-                    })
-                    .await?;
-                keep_consumers.push(name);
-            }
+            Ok(())
         }
-        Ok(())
-        }.await;
+        .await;
         if let Err(err) = result {
             println!("stopped after {opened} rooms: {err}");
             break;
@@ -144,7 +145,11 @@ async fn main() -> anyhow::Result<()> {
     let total = started.elapsed();
     let after = memory();
     let p = Percentiles::of(latencies);
-    let shape = if args.cluster { "3-node cluster, R3 stream" } else { "standalone" };
+    let shape = if args.cluster {
+        "3-node cluster, R3 stream"
+    } else {
+        "standalone"
+    };
     println!(
         "{:?} on {shape}: {opened}/{} rooms in {:.2} s; open p50 {:.3} ms, p99 {:.3} ms, max {:.1} ms; \
          server RSS {} → {} MiB (+{:.1} KiB per room)",

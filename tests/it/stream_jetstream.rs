@@ -179,3 +179,27 @@ async fn reads_from_any_position_of_a_long_interleaved_history_are_exact() {
         assert!(read.events.iter().all(|e| e.session_id == busy));
     }
 }
+
+/// `--nats-token` reaches a server with token auth; without it the engine is
+/// refused, with a reason.
+#[tokio::test]
+async fn a_token_protected_server_takes_the_token_and_refuses_without_it() {
+    let server = NatsServer::start_with(&["--auth", "pollcast-test-token"]);
+    let mut config = config(vec![server.url()]);
+    let refused = JetStreamStream::connect(config.clone(), Retention::default()).await;
+    assert!(
+        matches!(&refused, Err(StreamError::Unavailable(why)) if why.contains("connecting to NATS")),
+        "{:?}",
+        refused.err()
+    );
+    config.token = Some("pollcast-test-token".into());
+    let stream = JetStreamStream::connect(config, Retention::default())
+        .await
+        .expect("connects with the token");
+    let session = Uuid::now_v7();
+    assert_eq!(
+        stream.publish(event(session, 1)).await.ok(),
+        Some(Published::Appended)
+    );
+    stream.ping().await.expect("ready");
+}

@@ -41,6 +41,12 @@ const READY: Duration = Duration::from_secs(20);
 impl NatsServer {
     /// A standalone JetStream server.
     pub fn start() -> NatsServer {
+        Self::start_with(&[])
+    }
+
+    /// A standalone JetStream server with extra command-line flags (say,
+    /// `--auth <token>`).
+    pub fn start_with(extra: &[&str]) -> NatsServer {
         let tmp = tempfile::Builder::new()
             .prefix("pollcast-nats-")
             .tempdir()
@@ -58,6 +64,10 @@ impl NatsServer {
             "--server_name".into(),
             format!("test-{port}"),
         ];
+        let args = args
+            .into_iter()
+            .chain(extra.iter().map(|a| (*a).to_owned()))
+            .collect();
         let mut server = NatsServer {
             port,
             args,

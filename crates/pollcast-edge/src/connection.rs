@@ -31,6 +31,10 @@ use crate::query::{self, ConnectRequest};
 use crate::reader::{self, Inbound};
 use crate::room::{Member, Queued, SendQueue};
 
+/// How long a replay waits for the log to reach the newest event the connection
+/// was told about (a stream replica a moment behind) before it gives up and says
+/// `recovered: false`.
+const REPLAY_PATIENCE: Duration = Duration::from_secs(3);
 /// How long to wait for the client's close frame after sending ours.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
@@ -343,6 +347,12 @@ where
         match from.position_in(self.session_id) {
             Err(_) => recovered = false,
             Ok(after) => {
+                // Everything up to `reach` must come from the log (the live queue
+                // holds only what is newer). A log that ends sooner is a replica
+                // behind the one `newest` asked: wait for it, briefly.
+                let reach = self.last;
+                let deadline = Instant::now() + REPLAY_PATIENCE;
+                let mut wait = Duration::from_millis(20);
                 let mut pager = Pager::new(&*stream, self.session_id, after);
                 loop {
                     match pager.next().await {
@@ -354,8 +364,21 @@ where
                                 }
                             }
                         }
-                        Ok(Page::End) => break,
+                        Ok(Page::End) if pager.position() >= reach => break,
                         Ok(Page::Truncated) => {
+                            recovered = false;
+                            break;
+                        }
+                        Ok(Page::End) | Err(_) if Instant::now() < deadline => {
+                            tokio::time::sleep(wait).await;
+                            wait = (wait * 2).min(Duration::from_millis(500));
+                        }
+                        Ok(Page::End) => {
+                            tracing::warn!(
+                                reached = pager.position(),
+                                reach,
+                                "replay fell short of the newest event"
+                            );
                             recovered = false;
                             break;
                         }

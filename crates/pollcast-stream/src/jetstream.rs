@@ -261,6 +261,50 @@ impl JetStreamStream {
         }
     }
 
+    /// The session's oldest retained event, asked of the stream leader.
+    async fn leader_first(&self, session: Uuid) -> Result<Option<Tail>, StreamError> {
+        match self
+            .events
+            .raw_message_builder()
+            .next_by_subject(self.subject(session))
+            .sequence(1)
+            .send()
+            .await
+        {
+            Ok(message) => Ok(Some(Tail {
+                position: decode(&message.payload)?.position,
+                sequence: message.sequence,
+            })),
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(err) => Err(unavailable("reading the session's oldest event", err)),
+        }
+    }
+
+    /// Whether the log really no longer holds (or never held) the event after
+    /// `after`, asked of the stream leader. Direct Gets are answered by any
+    /// replica, and one that is behind (during a leader change, say) would make a
+    /// reader give up on history that exists; so a truncation seen there is
+    /// confirmed here before anyone acts on it.
+    async fn truly_truncated(&self, session: Uuid, after: u64) -> Result<bool, StreamError> {
+        let Some(tail) = self.leader_tail(session).await? else {
+            return Ok(after != 0);
+        };
+        if after >= tail.position {
+            return Ok(after > tail.position);
+        }
+        Ok(self
+            .leader_first(session)
+            .await?
+            .is_none_or(|first| first.position > after + 1))
+    }
+
     /// The first message of `subject` at or after stream sequence `from` (Direct
     /// Get, any replica), with its position.
     async fn next_at(&self, subject: &str, from: u64) -> Result<Option<Tail>, StreamError> {
@@ -334,6 +378,64 @@ impl JetStreamStream {
         // Nothing left between: the target is the next message after `lo` (or gone,
         // which the caller sees from the first position it reads).
         Ok(lo.sequence + 1)
+    }
+
+    /// `read_after` from whichever replicas answer first.
+    async fn read_direct(
+        &self,
+        session: Uuid,
+        after: u64,
+        limit: usize,
+    ) -> Result<ReadBatch, StreamError> {
+        let subject = self.subject(session);
+        let Some(tail) = self.direct_tail(&subject).await? else {
+            return Ok(ReadBatch {
+                events: Vec::new(),
+                truncated: after != 0,
+            });
+        };
+        if after >= tail.position || limit == 0 {
+            return Ok(ReadBatch {
+                events: Vec::new(),
+                truncated: after > tail.position,
+            });
+        }
+        let target = after + 1;
+        let start = if tail.position == target {
+            tail.sequence
+        } else {
+            match self.next_at(&subject, 1).await? {
+                None => {
+                    return Ok(ReadBatch {
+                        events: Vec::new(),
+                        truncated: true,
+                    });
+                }
+                Some(first) if first.position >= target => first.sequence,
+                Some(first) => self.locate(&subject, first, tail, target).await?,
+            }
+        };
+        let mut events: Vec<Arc<SessionEvent>> = Vec::new();
+        let mut next = start;
+        while events.len() < limit {
+            let want = (limit - events.len()).min(DIRECT_BATCH);
+            let batch = self.read_batch(&subject, next, want).await?;
+            let full = batch.len() == want;
+            for (sequence, event) in batch {
+                next = sequence + 1;
+                // Only ever hand out a consecutive run: a reader must not skip.
+                let expected = events.last().map_or(event.position, |e| e.position + 1);
+                if event.position != expected || event.position <= after {
+                    continue;
+                }
+                events.push(Arc::new(event));
+            }
+            if !full {
+                break;
+            }
+        }
+        let truncated = events.first().is_some_and(|e| e.position > target);
+        Ok(ReadBatch { events, truncated })
     }
 
     /// Up to `batch` messages of `subject` from stream sequence `from` on, with one
@@ -618,55 +720,13 @@ impl EventStream for JetStreamStream {
         after: u64,
         limit: usize,
     ) -> Result<ReadBatch, StreamError> {
-        let subject = self.subject(session);
-        let Some(tail) = self.direct_tail(&subject).await? else {
-            return Ok(ReadBatch {
-                events: Vec::new(),
-                truncated: after != 0,
-            });
-        };
-        if after >= tail.position || limit == 0 {
-            return Ok(ReadBatch {
-                events: Vec::new(),
-                truncated: after > tail.position,
-            });
+        let read = self.read_direct(session, after, limit).await?;
+        if read.truncated && !self.truly_truncated(session, after).await? {
+            return Err(StreamError::Unavailable(
+                "a stream replica is behind; read again".into(),
+            ));
         }
-        let target = after + 1;
-        let start = if tail.position == target {
-            tail.sequence
-        } else {
-            match self.next_at(&subject, 1).await? {
-                None => {
-                    return Ok(ReadBatch {
-                        events: Vec::new(),
-                        truncated: true,
-                    });
-                }
-                Some(first) if first.position >= target => first.sequence,
-                Some(first) => self.locate(&subject, first, tail, target).await?,
-            }
-        };
-        let mut events: Vec<Arc<SessionEvent>> = Vec::new();
-        let mut next = start;
-        while events.len() < limit {
-            let want = (limit - events.len()).min(DIRECT_BATCH);
-            let batch = self.read_batch(&subject, next, want).await?;
-            let full = batch.len() == want;
-            for (sequence, event) in batch {
-                next = sequence + 1;
-                // Only ever hand out a consecutive run: a reader must not skip.
-                let expected = events.last().map_or(event.position, |e| e.position + 1);
-                if event.position != expected || event.position <= after {
-                    continue;
-                }
-                events.push(Arc::new(event));
-            }
-            if !full {
-                break;
-            }
-        }
-        let truncated = events.first().is_some_and(|e| e.position > target);
-        Ok(ReadBatch { events, truncated })
+        Ok(read)
     }
 
     async fn newest(&self, session: Uuid) -> Result<Option<u64>, StreamError> {

@@ -21,16 +21,32 @@ use uuid::Uuid;
 const BIN: &str = env!("CARGO_BIN_EXE_pollcast");
 const SECRET: &str = "pollcast deployment test secret";
 
-/// One api process and some edge processes on the same NATS.
+/// Api processes and edge processes on the same NATS.
 struct Deployment {
+    /// The first api node.
     api: Pollcast,
+    /// More api nodes on the same database.
+    more_apis: Vec<Pollcast>,
     edges: Vec<Pollcast>,
     _data: tempfile::TempDir,
 }
 
 impl Deployment {
-    /// `extra` flags go to every process (heartbeat settings, replicas).
+    /// One api node on a SQLite file; `extra` flags go to every process
+    /// (heartbeat settings, replicas).
     async fn start(nats_urls: &str, edges: usize, extra: &[&str]) -> Deployment {
+        Self::start_with(nats_urls, None, 1, edges, extra).await
+    }
+
+    /// `apis` api nodes sharing `database_url` (default: a SQLite file, which
+    /// suits one node only).
+    async fn start_with(
+        nats_urls: &str,
+        database_url: Option<&str>,
+        apis: usize,
+        edges: usize,
+        extra: &[&str],
+    ) -> Deployment {
         let data = tempfile::tempdir().expect("temp dir");
         let data_dir = data.path().display().to_string();
         let common = |role: &'static str| -> Vec<&str> {
@@ -45,17 +61,25 @@ impl Deployment {
             "--presence-flush-ms",
             "200",
         ]);
+        if let Some(url) = database_url {
+            api_args.extend(["--database-url", url]);
+        }
         let env = [("POLLCAST_LOG", "info")];
-        let api = Pollcast::serve(BIN, &api_args, &env).await;
+        let mut api_nodes = Vec::new();
+        for _ in 0..apis {
+            api_nodes.push(Pollcast::serve(BIN, &api_args, &env).await);
+        }
         let mut started = Vec::new();
         for _ in 0..edges {
             started.push(Pollcast::serve(BIN, &common("edge"), &env).await);
         }
-        for process in std::iter::once(&api).chain(&started) {
+        for process in api_nodes.iter().chain(&started) {
             process.wait_ready(200).await;
         }
+        let api = api_nodes.remove(0);
         Deployment {
             api,
+            more_apis: api_nodes,
             edges: started,
             _data: data,
         }
@@ -376,7 +400,7 @@ async fn an_edge_killed_gets_its_participants_disconnected_within_the_heartbeat_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_three_node_cluster_losing_a_node_mid_storm_loses_nothing() {
+async fn a_three_node_cluster_with_a_leader_change_and_a_node_lost_mid_storm_loses_nothing() {
     let _guard = exclusive().await;
     let mut cluster = NatsCluster::start();
     let urls = cluster.urls().join(",");
@@ -391,7 +415,21 @@ async fn a_three_node_cluster_losing_a_node_mid_storm_loses_nothing() {
         tokens,
         Arc::clone(&done),
     ));
-    reached(&done, 20).await;
+    reached(&done, 15).await;
+    // A leader change for certain (the killed node may not be the leader).
+    let nats = async_nats::connect(cluster.urls())
+        .await
+        .expect("nats client");
+    let stepdown = nats
+        .request("$JS.API.STREAM.LEADER.STEPDOWN.POLLCAST_EVENTS", "".into())
+        .await
+        .expect("stream leader steps down");
+    assert!(
+        !String::from_utf8_lossy(&stepdown.payload).contains("\"error\""),
+        "{:?}",
+        stepdown.payload
+    );
+    reached(&done, 30).await;
     cluster.nodes[0].kill();
     let statuses = storm.await.expect("storm");
     assert!(statuses.iter().all(|&s| s == 201), "{statuses:?}");
@@ -410,4 +448,98 @@ async fn a_three_node_cluster_losing_a_node_mid_storm_loses_nothing() {
         vote_counts(&d.api.api.results(&id_of(&poll), &p.token).await),
         vec![60, 0, 0]
     );
+}
+
+/// Whether the tracker has closed connection `id` (read from the database).
+async fn connection_closed(database_url: &str, id: &str) -> bool {
+    use pollcast_store::sea_orm::{Database, EntityTrait};
+    let db = Database::connect(database_url).await.expect("connect");
+    let id: Uuid = id.parse().expect("uuid");
+    let row = pollcast_store::connection::Entity::find_by_id(id)
+        .one(&db)
+        .await
+        .expect("query");
+    db.close().await.ok();
+    row.is_some_and(|r| !r.open)
+}
+
+/// A participant's connection, listened to, and its connection id.
+async fn participant_connection(
+    edge: &Pollcast,
+    p: &Presenter,
+    token: &str,
+) -> (Listening, String) {
+    let mut client = WsClient::connect(edge.addr, &query(&p.session_id, token, None, Format::Json))
+        .await
+        .listen();
+    let established = client.envelope().await;
+    let id = established["payload"]["connectionId"]
+        .as_str()
+        .expect("connection id")
+        .to_owned();
+    (client, id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_counts_survive_an_api_restart_and_two_api_nodes_emit_one_disconnect() {
+    let _guard = exclusive().await;
+    let nats = NatsServer::start();
+    let database = pollcast_tests::postgres::Cluster::shared()
+        .fresh_database()
+        .await;
+    let mut d = Deployment::start_with(&nats.url(), Some(&database), 2, 1, &[]).await;
+    let p = d.api.api.started_session().await;
+    let ada = d.api.api.join(&p.code, "Ada").await;
+    let mut presenter = listen(&d.edges[0], &p, None).await;
+    let (first, first_id) = participant_connection(&d.edges[0], &p, &ada.token).await;
+    let (second, _) = participant_connection(&d.edges[0], &p, &ada.token).await;
+    let participants = format!("/api/sessions/{}/participants", p.session_id);
+    let connected = |api: Api| {
+        let (participants, token) = (participants.clone(), p.token.clone());
+        async move { api.get(&participants, Some(&token)).await.expect(200)[0]["connected"] == true }
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !connected(d.api.api.clone()).await {
+        assert!(Instant::now() < deadline, "never marked connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The counts are in the database: an api node that crashes forgets nothing.
+    d.api.kill();
+    d.api.start_again().await;
+    d.api.wait_ready(200).await;
+
+    // One of two connections goes: Ada is still connected.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !connection_closed(&database, &first_id).await {
+        assert!(Instant::now() < deadline, "the close was never applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A marker event: nothing about Ada may come before it.
+    d.more_apis[0]
+        .api
+        .create_poll(&p, json!({ "question": "marker 1", "options": ["a", "b"] }))
+        .await;
+    let frames = until(&mut presenter, "poll:created").await;
+    assert_eq!(count(&frames, "participant:disconnected"), 0, "{frames:?}");
+    assert!(connected(d.api.api.clone()).await);
+
+    // The last one goes: exactly one disconnect, whichever node handled it.
+    drop(second);
+    let left = until(&mut presenter, "participant:disconnected").await;
+    assert_eq!(
+        left.last().expect("frame")["payload"]["participantId"],
+        ada.id
+    );
+    d.api
+        .api
+        .create_poll(&p, json!({ "question": "marker 2", "options": ["a", "b"] }))
+        .await;
+    let after = until(&mut presenter, "poll:created").await;
+    assert_eq!(
+        count(&after, "participant:disconnected"),
+        0,
+        "a second disconnect: {after:?}"
+    );
+    assert!(!connected(d.api.api.clone()).await);
 }
