@@ -258,6 +258,11 @@ async fn catch_up(
             }
             Page::End => return Ok(()),
             Page::Truncated => {
+                let newest = stream.newest(room.session_id).await?.unwrap_or(0);
+                if newest <= *last {
+                    // The stream has nothing past the room yet: nothing is lost.
+                    return Ok(());
+                }
                 // The log lost what the room missed: nothing can fill the hole, and
                 // members must not see a silent gap. They reconnect with their last
                 // id, and the replay tells them `recovered: false`.
@@ -265,7 +270,7 @@ async fn catch_up(
                 for member in room.members().values() {
                     member.queue.overflow();
                 }
-                *last = stream.newest(room.session_id).await?.unwrap_or(*last);
+                *last = newest;
                 return Ok(());
             }
         }

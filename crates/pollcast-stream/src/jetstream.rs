@@ -24,13 +24,16 @@
 //! two when the session's messages are evenly spread), then read in batches with
 //! Direct Get `batch` (nats-server 2.11+), answered by any replica.
 //!
-//! Live events reach edges through a core NATS subscription on the session's subject
-//! (a stream's messages are ordinary messages to core subscribers), not a consumer:
-//! no consumer is created per room, so opening 10 000 rooms costs the meta leader
-//! nothing. Core delivery is at most once, so a subscription also reports
-//! [`StreamError::Lagged`] after every reconnect of the client, after a slow-consumer
-//! drop, and when it has been silent for a while; the room then reads what it missed
-//! from the stream, which is the source of truth.
+//! Live events reach edges through a core NATS subscription on
+//! `<prefix>.live.<sessionId>`, where the stream republishes each message once it
+//! has stored it, not a consumer: no consumer is created per room, so opening
+//! 10 000 rooms costs the meta leader nothing. (Subscribing to the stream's own
+//! subject would show a message when it is sent, before it is stored, or even when
+//! the stream refuses it; during a leader change a room could then run ahead of
+//! the stream.) Core delivery is at most once, so a subscription also reports
+//! [`StreamError::Lagged`] after every reconnect of the client, after a
+//! slow-consumer drop, and when it has been silent for a while; the room then reads
+//! what it missed from the stream, which is the source of truth.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -222,6 +225,11 @@ impl JetStreamStream {
 
     fn subject(&self, session: Uuid) -> String {
         format!("{}.session.{session}", self.config.subject_prefix)
+    }
+
+    /// Where the stream republishes a session's events once it has stored them.
+    fn live_subject(&self, session: Uuid) -> String {
+        format!("{}.live.{session}", self.config.subject_prefix)
     }
 
     fn tails(&self) -> MutexGuard<'_, HashMap<Uuid, Tail>> {
@@ -575,6 +583,13 @@ pub fn events_stream(config: &NatsConfig, retention: Retention) -> stream::Confi
         discard: DiscardPolicy::Old,
         allow_direct: true,
         deny_delete: true,
+        // Live delivery of what is stored, never of what was merely sent: see
+        // the module documentation.
+        republish: Some(stream::Republish {
+            source: format!("{}.session.*", config.subject_prefix),
+            destination: format!("{}.live.{{{{wildcard(1)}}}}", config.subject_prefix),
+            headers_only: false,
+        }),
         ..Default::default()
     }
 }
@@ -739,7 +754,7 @@ impl EventStream for JetStreamStream {
     async fn subscribe(&self, session: Uuid) -> Result<Subscription, StreamError> {
         let subscriber = self
             .client
-            .subscribe(self.subject(session))
+            .subscribe(self.live_subject(session))
             .await
             .map_err(|e| unavailable("subscribing", e))?;
         let mut epoch = self.epoch.clone();
