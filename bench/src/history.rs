@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use pollcast_bench::Percentiles;
-use pollcast_protocol::{DomainEvent, SessionEvent, Timestamp};
+use pollcast_stream::conformance::event;
 use pollcast_stream::{EventStream, JetStreamStream, NatsConfig, Retention};
 use pollcast_tests::nats::NatsServer;
 use uuid::Uuid;
@@ -25,18 +25,6 @@ struct Args {
     /// Reads per page size.
     #[arg(long, default_value_t = 200)]
     reads: u64,
-}
-
-fn event(session: Uuid, position: u64) -> SessionEvent {
-    SessionEvent {
-        session_id: session,
-        position,
-        timestamp: Timestamp::now(),
-        event: DomainEvent::ParticipantDisconnected {
-            participant_id: Uuid::now_v7(),
-            display_name: format!("participant {position}"),
-        },
-    }
 }
 
 #[tokio::main]

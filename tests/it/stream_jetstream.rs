@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use pollcast_protocol::{DomainEvent, SessionEvent, Timestamp};
+use pollcast_stream::conformance::event;
 use pollcast_stream::{
     EventStream, JetStreamStream, NatsConfig, Published, Retention, StreamError,
 };
@@ -35,18 +35,6 @@ async fn engine(retention: Retention) -> Arc<JetStreamStream> {
 
 mod conformance {
     pollcast_stream::stream_conformance_tests!(|retention| super::engine(retention));
-}
-
-fn event(session: Uuid, position: u64) -> SessionEvent {
-    SessionEvent {
-        session_id: session,
-        position,
-        timestamp: Timestamp::now(),
-        event: DomainEvent::ParticipantDisconnected {
-            participant_id: Uuid::now_v7(),
-            display_name: format!("p{position}"),
-        },
-    }
 }
 
 /// Two engines over one stream are two api nodes: the second one's view of the

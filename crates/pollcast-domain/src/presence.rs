@@ -157,19 +157,14 @@ impl PresenceTracker {
     async fn open(&self, signal: PresenceSignal, at: DateTime<Utc>) -> DomainResult<()> {
         let tx = SessionTx::begin(&self.domain, signal.session_id).await?;
         // A tombstone (closed before this signal arrived) wins: do nothing.
-        let inserted = connection::Entity::insert(connection::ActiveModel {
-            id: Set(signal.connection_id),
-            session_id: Set(signal.session_id),
-            participant_id: Set(signal.participant_id),
-            open: Set(true),
-            seen_at: Set(at),
-        })
-        .on_conflict(
-            OnConflict::column(connection::Column::Id)
-                .do_nothing()
-                .to_owned(),
+        let inserted = insert_connection(
+            &tx.txn,
+            signal.session_id,
+            signal.participant_id,
+            signal.connection_id,
+            true,
+            at,
         )
-        .exec_without_returning(&tx.txn)
         .await?;
         if inserted == 1 {
             participant::Entity::update_many()
@@ -279,20 +274,7 @@ async fn close(
     if closed == 0 {
         // Closed already (a repeat, or the sweep came first), or not opened yet
         // (its `Connected` is late): leave a tombstone so it never opens.
-        connection::Entity::insert(connection::ActiveModel {
-            id: Set(connection_id),
-            session_id: Set(session),
-            participant_id: Set(participant),
-            open: Set(false),
-            seen_at: Set(at),
-        })
-        .on_conflict(
-            OnConflict::column(connection::Column::Id)
-                .do_nothing()
-                .to_owned(),
-        )
-        .exec_without_returning(&tx.txn)
-        .await?;
+        insert_connection(&tx.txn, session, participant, connection_id, false, at).await?;
         return tx.commit(domain).await;
     }
     let still_open = connection::Entity::find()
@@ -320,4 +302,30 @@ async fn close(
         });
     }
     tx.commit(domain).await
+}
+
+/// Inserts a connection row unless one with its id exists; returns how many rows
+/// were inserted (0 or 1).
+async fn insert_connection(
+    txn: &sea_orm::DatabaseTransaction,
+    session: Uuid,
+    participant: Uuid,
+    connection_id: Uuid,
+    open: bool,
+    at: DateTime<Utc>,
+) -> DomainResult<u64> {
+    Ok(connection::Entity::insert(connection::ActiveModel {
+        id: Set(connection_id),
+        session_id: Set(session),
+        participant_id: Set(participant),
+        open: Set(open),
+        seen_at: Set(at),
+    })
+    .on_conflict(
+        OnConflict::column(connection::Column::Id)
+            .do_nothing()
+            .to_owned(),
+    )
+    .exec_without_returning(txn)
+    .await?)
 }

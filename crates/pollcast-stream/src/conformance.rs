@@ -46,7 +46,9 @@ macro_rules! stream_conformance_tests {
 /// A deadline for anything a check awaits, so a broken engine fails instead of hanging.
 const WAIT: Duration = Duration::from_secs(5);
 
-fn event(session: Uuid, position: u64) -> SessionEvent {
+/// A sample event at `position` of `session`, with content that differs per call
+/// (engines' own tests and benchmarks use it too).
+pub fn event(session: Uuid, position: u64) -> SessionEvent {
     SessionEvent {
         session_id: session,
         position,

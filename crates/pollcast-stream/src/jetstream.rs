@@ -44,7 +44,10 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::stream::{self, DirectGetErrorKind, DiscardPolicy, RetentionPolicy};
+use async_nats::jetstream::message::StreamMessage;
+use async_nats::jetstream::stream::{
+    self, DirectGetErrorKind, DiscardPolicy, LastRawMessageErrorKind, RetentionPolicy,
+};
 use async_nats::jetstream::{self, Context};
 use async_nats::{Client, ConnectOptions, Event, ServerAddr, Subscriber};
 use async_trait::async_trait;
@@ -248,51 +251,23 @@ impl JetStreamStream {
     /// The session's newest event, asked of the stream leader (publishing must not
     /// act on a replica that is behind).
     async fn leader_tail(&self, session: Uuid) -> Result<Option<Tail>, StreamError> {
-        match self
+        let found = self
             .events
             .get_last_raw_message_by_subject(&self.subject(session))
-            .await
-        {
-            Ok(message) => Ok(Some(Tail {
-                position: decode(&message.payload)?.position,
-                sequence: message.sequence,
-            })),
-            Err(err)
-                if matches!(
-                    err.kind(),
-                    async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound
-                ) =>
-            {
-                Ok(None)
-            }
-            Err(err) => Err(unavailable("reading the session's tail", err)),
-        }
+            .await;
+        tail_of(found, raw_not_found, "reading the session's tail")
     }
 
     /// The session's oldest retained event, asked of the stream leader.
     async fn leader_first(&self, session: Uuid) -> Result<Option<Tail>, StreamError> {
-        match self
+        let found = self
             .events
             .raw_message_builder()
             .next_by_subject(self.subject(session))
             .sequence(1)
             .send()
-            .await
-        {
-            Ok(message) => Ok(Some(Tail {
-                position: decode(&message.payload)?.position,
-                sequence: message.sequence,
-            })),
-            Err(err)
-                if matches!(
-                    err.kind(),
-                    async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound
-                ) =>
-            {
-                Ok(None)
-            }
-            Err(err) => Err(unavailable("reading the session's oldest event", err)),
-        }
+            .await;
+        tail_of(found, raw_not_found, "reading the session's oldest event")
     }
 
     /// Whether the log really no longer holds (or never held) the event after
@@ -316,30 +291,17 @@ impl JetStreamStream {
     /// The first message of `subject` at or after stream sequence `from` (Direct
     /// Get, any replica), with its position.
     async fn next_at(&self, subject: &str, from: u64) -> Result<Option<Tail>, StreamError> {
-        match self
+        let found = self
             .events
             .direct_get_next_for_subject(subject, Some(from.max(1)))
-            .await
-        {
-            Ok(message) => Ok(Some(Tail {
-                position: decode(&message.payload)?.position,
-                sequence: message.sequence,
-            })),
-            Err(err) if matches!(err.kind(), DirectGetErrorKind::NotFound) => Ok(None),
-            Err(err) => Err(unavailable("direct get", err)),
-        }
+            .await;
+        tail_of(found, direct_not_found, "direct get")
     }
 
     /// The newest message of `subject` (Direct Get, any replica).
     async fn direct_tail(&self, subject: &str) -> Result<Option<Tail>, StreamError> {
-        match self.events.direct_get_last_for_subject(subject).await {
-            Ok(message) => Ok(Some(Tail {
-                position: decode(&message.payload)?.position,
-                sequence: message.sequence,
-            })),
-            Err(err) if matches!(err.kind(), DirectGetErrorKind::NotFound) => Ok(None),
-            Err(err) => Err(unavailable("direct get", err)),
-        }
+        let found = self.events.direct_get_last_for_subject(subject).await;
+        tail_of(found, direct_not_found, "direct get")
     }
 
     /// The stream sequence of position `target` of `subject`, given a message
@@ -622,6 +584,34 @@ fn presence_consumer() -> pull::Config {
 
 fn presence_subject(config: &NatsConfig) -> String {
     format!("{}.presence", config.subject_prefix)
+}
+
+/// The position and sequence of a message looked up by subject; `None` when the
+/// lookup found nothing.
+fn tail_of<K>(
+    found: Result<StreamMessage, async_nats::error::Error<K>>,
+    not_found: fn(&K) -> bool,
+    what: &str,
+) -> Result<Option<Tail>, StreamError>
+where
+    K: Clone + std::fmt::Debug + std::fmt::Display + PartialEq,
+{
+    match found {
+        Ok(message) => Ok(Some(Tail {
+            position: decode(&message.payload)?.position,
+            sequence: message.sequence,
+        })),
+        Err(err) if not_found(&err.kind()) => Ok(None),
+        Err(err) => Err(unavailable(what, err)),
+    }
+}
+
+fn direct_not_found(kind: &DirectGetErrorKind) -> bool {
+    matches!(kind, DirectGetErrorKind::NotFound)
+}
+
+fn raw_not_found(kind: &LastRawMessageErrorKind) -> bool {
+    matches!(kind, LastRawMessageErrorKind::NoMessageFound)
 }
 
 fn unavailable(what: &str, err: impl std::fmt::Display) -> StreamError {

@@ -145,6 +145,32 @@ fn count(frames: &[Value], event_type: &str) -> usize {
         .count()
 }
 
+/// Closes the poll and checks what the presenter got since it connected: one
+/// unbroken run of positions holding `votes` accepted votes, and results that
+/// count them all (on option 0).
+async fn close_and_check(
+    d: &Deployment,
+    p: &Presenter,
+    poll: &Value,
+    presenter: &mut Listening,
+    votes: u64,
+) {
+    d.api
+        .api
+        .act(&format!("/api/polls/{}/close", id_of(poll)), Some(&p.token))
+        .await
+        .expect(200);
+    let frames = until(presenter, "poll:closed").await;
+    assert_consecutive(&positions(&p.session_id, &frames));
+    assert_eq!(
+        count(&frames, "vote:accepted") as u64,
+        votes,
+        "every vote, once"
+    );
+    let results = d.api.api.results(&id_of(poll), &p.token).await;
+    assert_eq!(vote_counts(&results), vec![votes, 0, 0]);
+}
+
 /// `voters` participants joined to a started session with an active poll.
 async fn session_with_voters(api: &Api, voters: usize) -> (Presenter, Value, Vec<String>) {
     let p = api.started_session().await;
@@ -289,19 +315,7 @@ async fn nats_killed_mid_storm_and_restarted_loses_nothing_and_keeps_order() {
     d.edges[0].wait_ready(200).await;
     let statuses = storm.await.expect("storm");
     assert!(statuses.iter().all(|&s| s == 201), "{statuses:?}");
-    d.api
-        .api
-        .act(
-            &format!("/api/polls/{}/close", id_of(&poll)),
-            Some(&p.token),
-        )
-        .await
-        .expect(200);
-    let frames = until(&mut presenter, "poll:closed").await;
-    assert_consecutive(&positions(&p.session_id, &frames));
-    assert_eq!(count(&frames, "vote:accepted"), 80, "every vote, once");
-    let results = d.api.api.results(&id_of(&poll), &p.token).await;
-    assert_eq!(vote_counts(&results), vec![80, 0, 0]);
+    close_and_check(&d, &p, &poll, &mut presenter, 80).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -433,21 +447,7 @@ async fn a_three_node_cluster_with_a_leader_change_and_a_node_lost_mid_storm_los
     cluster.nodes[0].kill();
     let statuses = storm.await.expect("storm");
     assert!(statuses.iter().all(|&s| s == 201), "{statuses:?}");
-    d.api
-        .api
-        .act(
-            &format!("/api/polls/{}/close", id_of(&poll)),
-            Some(&p.token),
-        )
-        .await
-        .expect(200);
-    let frames = until(&mut presenter, "poll:closed").await;
-    assert_consecutive(&positions(&p.session_id, &frames));
-    assert_eq!(count(&frames, "vote:accepted"), 60);
-    assert_eq!(
-        vote_counts(&d.api.api.results(&id_of(&poll), &p.token).await),
-        vec![60, 0, 0]
-    );
+    close_and_check(&d, &p, &poll, &mut presenter, 60).await;
 }
 
 /// Whether the tracker has closed connection `id` (read from the database).
