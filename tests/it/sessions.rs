@@ -53,6 +53,48 @@ async fn session_title_must_be_1_to_200_characters(backend: Backend) {
         .expect(201);
 }
 
+/// The same 422 on every database: PostgreSQL cannot even store U+0000.
+async fn text_with_nul_or_control_characters_is_validation_failed(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    for title in ["a\u{0}b", "bell\u{7}", "two\nlines", "esc\u{1b}[0m"] {
+        t.api
+            .post("/api/sessions", None, json!({ "title": title }))
+            .await
+            .expect_error(422, "validation_failed");
+    }
+    let p = t.api.create_session("Town hall").await;
+    t.api
+        .post(
+            "/api/join",
+            None,
+            json!({ "code": p.code, "displayName": "Ada\u{0}" }),
+        )
+        .await
+        .expect_error(422, "validation_failed");
+    let path = format!("/api/sessions/{}/polls", p.session_id);
+    for body in [
+        json!({ "question": "Q\u{0}?", "options": ["A", "B"] }),
+        json!({ "question": "Q?", "options": ["A", "B\u{0}"] }),
+        json!({ "question": "Q?", "options": ["A", "B\nC"] }),
+    ] {
+        t.api
+            .post(&path, Some(&p.token), body)
+            .await
+            .expect_error(422, "validation_failed");
+    }
+    let list = t.api.get(&path, Some(&p.token)).await.expect(200);
+    assert_eq!(list, json!([]), "refused polls change nothing");
+    // Tabs and newlines are fine in a question.
+    let poll = t
+        .api
+        .create_poll(
+            &p,
+            json!({ "question": "Line one\n\tline two?", "options": ["A", "B"] }),
+        )
+        .await;
+    assert_eq!(poll["question"], "Line one\n\tline two?");
+}
+
 async fn malformed_or_mistyped_body_is_invalid_body(backend: Backend) {
     let t = TestServer::start(backend).await;
     let raw = t
@@ -290,6 +332,7 @@ async fn unknown_route_is_not_found(backend: Backend) {
 pollcast_tests::on_both_backends!(
     create_session_answers_201_with_session_and_presenter_token,
     session_title_must_be_1_to_200_characters,
+    text_with_nul_or_control_characters_is_validation_failed,
     malformed_or_mistyped_body_is_invalid_body,
     body_over_64_kib_is_payload_too_large,
     admin_key_when_configured_guards_session_creation,
