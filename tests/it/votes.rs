@@ -325,6 +325,62 @@ async fn votes_stay_correct_while_batch_tasks_retire_and_restart(backend: Backen
     assert_eq!(vote_counts(&results), vec![5, 0, 0]);
 }
 
+/// A validly signed token is no credential when its participant does not exist
+/// (a database reset under the same secret) or belongs to another session; and
+/// such a voter never fails honest votes sent at the same time.
+async fn token_of_an_unknown_participant_is_unauthorized_and_harms_no_one(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    let p = t.api.started_session().await;
+    let poll = t.api.active_poll(&p).await;
+    let poll_id = id_of(&poll);
+    let option = option_id(&poll, 0);
+    let session: Uuid = p.session_id.parse().expect("uuid");
+    let keys = pollcast_domain::TokenKeys::new(
+        pollcast_tests::server::SECRET,
+        std::time::Duration::from_secs(60),
+    );
+    let ghost = keys.issue(
+        session,
+        pollcast_protocol::Role::Participant,
+        Some(Uuid::now_v7()),
+    );
+    let other = t.api.started_session().await;
+    let elsewhere = t.api.join(&other.code, "Elsewhere").await;
+    let borrowed = keys.issue(
+        session,
+        pollcast_protocol::Role::Participant,
+        Some(elsewhere.id.parse().expect("uuid")),
+    );
+    let mut honest = Vec::new();
+    for i in 0..40 {
+        honest.push(t.api.join(&p.code, &format!("voter {i}")).await.token);
+    }
+    let mut replies = Vec::new();
+    for token in honest.iter().chain([&ghost, &borrowed]) {
+        let (api, poll_id, option, token) = (
+            t.api.clone(),
+            poll_id.clone(),
+            option.clone(),
+            token.clone(),
+        );
+        replies.push(tokio::spawn(async move {
+            api.vote(&poll_id, &token, &[&option]).await
+        }));
+    }
+    let mut statuses = Vec::new();
+    for reply in replies {
+        statuses.push(reply.await.expect("vote task"));
+    }
+    for reply in &statuses[..40] {
+        assert_eq!(reply.status, 201, "{}", reply.body);
+    }
+    for reply in &statuses[40..] {
+        reply.expect_error(401, "unauthorized");
+    }
+    let results = t.api.results(&poll_id, &p.token).await;
+    assert_eq!(vote_counts(&results), vec![40, 0, 0]);
+}
+
 pollcast_tests::on_both_backends!(
     votes_stay_correct_while_batch_tasks_retire_and_restart,
     accepted_vote_answers_201_and_counts,
@@ -338,4 +394,5 @@ pollcast_tests::on_both_backends!(
     repeated_idempotency_key_returns_the_first_answer_and_casts_once,
     idempotency_key_replays_a_rejection_too,
     results_are_final_once_the_poll_closes,
+    token_of_an_unknown_participant_is_unauthorized_and_harms_no_one,
 );

@@ -162,8 +162,30 @@ impl Domain {
                     self.vote_committed(session_id, poll_id);
                 }
             }
+            Err(err) if ballots.len() > 1 => {
+                // Nothing of the batch committed. One bad ballot must not fail its
+                // neighbours: decide each alone, so only the bad one gets the error.
+                tracing::warn!(%session_id, error = %err, ballots = ballots.len(), "vote batch failed; retrying its ballots one by one");
+                for (ballot, answer) in ballots.iter().zip(answers) {
+                    let outcome = match self
+                        .write_batch(session_id, std::slice::from_ref(ballot))
+                        .await
+                    {
+                        Ok((mut outcomes, accepted_polls)) => {
+                            for poll_id in accepted_polls {
+                                self.vote_committed(session_id, poll_id);
+                            }
+                            outcomes
+                                .pop()
+                                .unwrap_or_else(|| Err(DomainError::Internal("no outcome".into())))
+                        }
+                        Err(err) => Err(err),
+                    };
+                    let _ = answer.send(outcome);
+                }
+            }
             Err(err) => {
-                tracing::warn!(%session_id, error = %err, "vote batch failed");
+                tracing::warn!(%session_id, error = %err, "vote failed");
                 for answer in answers {
                     let _ = answer.send(Err(copy_of(&err)));
                 }
@@ -304,5 +326,102 @@ fn copy_of(err: &DomainError) -> DomainError {
         DomainError::Unavailable(what) => DomainError::Unavailable(what.clone()),
         DomainError::SessionNotFound => DomainError::SessionNotFound,
         other => DomainError::Internal(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use pollcast_stream::EmbeddedStream;
+
+    use super::*;
+    use crate::{DomainConfig, NewPoll, NewPollOption, TokenKeys};
+
+    /// A domain on an in-memory SQLite database (one connection, so one database).
+    async fn domain() -> Domain {
+        let db = pollcast_store::connect("sqlite::memory:", 1)
+            .await
+            .expect("in-memory database");
+        let keys = TokenKeys::new(b"vote batch unit tests", Duration::from_secs(60));
+        Domain::new(
+            db,
+            Arc::new(EmbeddedStream::default()),
+            keys,
+            DomainConfig::default(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_ballot_that_fails_its_batch_fails_alone() {
+        let domain = domain().await;
+        let created = domain.create_session(None, "Batch").await.expect("session");
+        let presenter = domain
+            .verify_token(&created.presenter_token)
+            .expect("presenter claims");
+        let session = created.session.id;
+        domain
+            .start_session(&presenter, session)
+            .await
+            .expect("start");
+        let poll = domain
+            .create_poll(
+                &presenter,
+                session,
+                NewPoll {
+                    question: "Q?".into(),
+                    options: vec![
+                        NewPollOption::Text("A".into()),
+                        NewPollOption::Text("B".into()),
+                    ],
+                    kind: Default::default(),
+                    max_choices: None,
+                },
+            )
+            .await
+            .expect("poll");
+        domain
+            .activate_poll(&presenter, poll.id)
+            .await
+            .expect("activate");
+        let mut voters = Vec::new();
+        for i in 0..4 {
+            let joined = domain
+                .join(&created.session.code, &format!("voter {i}"))
+                .await
+                .expect("join");
+            voters.push(joined.participant.id);
+        }
+        // The third ballot names a participant the database does not have: its
+        // insert violates the foreign key and aborts the batch transaction.
+        voters.insert(2, Uuid::now_v7());
+        let mut batch = Vec::new();
+        let mut receivers = Vec::new();
+        for participant_id in &voters {
+            let (answer, answered) = oneshot::channel();
+            batch.push(Pending {
+                ballot: Ballot {
+                    session_id: session,
+                    poll_id: poll.id,
+                    participant_id: *participant_id,
+                    choice: Ok(vec![poll.options[0].id]),
+                    key: None,
+                },
+                answer,
+            });
+            receivers.push(answered);
+        }
+        domain.commit_batch(session, batch).await;
+        let mut outcomes = Vec::new();
+        for answered in receivers {
+            outcomes.push(answered.await.expect("answered"));
+        }
+        assert!(outcomes[2].is_err(), "the bad ballot fails");
+        for (i, outcome) in outcomes.iter().enumerate().filter(|(i, _)| *i != 2) {
+            assert!(outcome.is_ok(), "ballot {i}: {outcome:?}");
+        }
+        let results = domain.results(&presenter, poll.id).await.expect("results");
+        assert_eq!(results.total_votes, 4);
     }
 }
