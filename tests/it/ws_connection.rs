@@ -428,3 +428,50 @@ pollcast_tests::in_both_formats!(
     client_frame_over_4_kib_closes_with_1009,
     shutdown_flushes_then_closes_with_1001,
 );
+
+/// RFC 6455 wants a protocol error answered with a close frame (1002, or 1007 for
+/// text that is not UTF-8), not a dropped socket; and a server must fail the
+/// connection on an unmasked client frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_violations_close_with_1002_or_1007() {
+    use pollcast_tests::ws::{RawClient, client_frame};
+    let t = TestServer::start(Backend::Sqlite).await;
+    let p = t.api.create_session("Town hall").await;
+    t.settle(&p.session_id).await;
+    let q = query(&p.session_id, &p.token, None, Format::Json);
+    let key = Some([0x12, 0x34, 0x56, 0x78]);
+    let pong = br#"{"eventType":"heartbeat:pong"}"#;
+    let mut fragmented_bad_utf8 = client_frame(0x01, b"\xe2\x82", key);
+    fragmented_bad_utf8.extend(client_frame(0x80, b"\x28", key));
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        (
+            "invalid UTF-8 text",
+            client_frame(0x81, b"\xff\xfe", key),
+            1007,
+        ),
+        ("invalid UTF-8 across fragments", fragmented_bad_utf8, 1007),
+        ("RSV1 set", client_frame(0xC1, pong, key), 1002),
+        ("reserved opcode 3", client_frame(0x83, b"x", key), 1002),
+        ("126-byte ping", client_frame(0x89, &[0u8; 126], key), 1002),
+        ("fragmented ping", client_frame(0x09, b"x", key), 1002),
+        ("1-byte close payload", client_frame(0x88, b"x", key), 1002),
+        ("unmasked text", client_frame(0x81, pong, None), 1002),
+        ("unmasked ping", client_frame(0x89, b"x", None), 1002),
+    ];
+    for (what, bytes, status) in cases {
+        let mut client = RawClient::connect(t.server.addr(), &q).await;
+        client.send_raw(&bytes).await;
+        assert_eq!(client.close_status().await, Some(status), "{what}");
+    }
+    // The same bytes, masked and well formed, are a pong like any other.
+    let mut client = RawClient::connect(t.server.addr(), &q).await;
+    client.send_raw(&client_frame(0x81, pong, key)).await;
+    client
+        .send_raw(&client_frame(0x88, &1000u16.to_be_bytes(), key))
+        .await;
+    assert_eq!(
+        client.close_status().await,
+        Some(1000),
+        "a clean close is echoed"
+    );
+}

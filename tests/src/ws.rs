@@ -253,3 +253,118 @@ impl Drop for Listening {
         self.task.abort();
     }
 }
+
+/// A client that upgrades properly and then writes raw bytes, to send what no
+/// well-behaved WebSocket library would (reserved bits, unmasked frames, …).
+pub struct RawClient {
+    tcp: TcpStream,
+    /// Bytes read but not consumed yet.
+    buffer: Vec<u8>,
+}
+
+impl RawClient {
+    /// Upgrades `ws://{addr}/ws?{query}` by hand.
+    pub async fn connect(addr: std::net::SocketAddr, query: &str) -> RawClient {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = TcpStream::connect(addr).await.expect("tcp connect");
+        let request = format!(
+            "GET /ws?{query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Version: 13\r\n\r\n"
+        );
+        tcp.write_all(request.as_bytes())
+            .await
+            .expect("send upgrade");
+        let mut buffer = Vec::new();
+        let end = loop {
+            if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            let mut chunk = [0u8; 1024];
+            let n = tokio::time::timeout(WAIT, tcp.read(&mut chunk))
+                .await
+                .expect("upgrade answer in time")
+                .expect("read upgrade answer");
+            assert!(n > 0, "closed during the upgrade");
+            buffer.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buffer[..end]).into_owned();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        buffer.drain(..end);
+        RawClient { tcp, buffer }
+    }
+
+    /// Writes bytes as they are.
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.tcp.write_all(bytes).await.expect("send");
+    }
+
+    /// Reads server frames until a close frame and returns its status; `None` if
+    /// the connection ended without one.
+    pub async fn close_status(&mut self) -> Option<u16> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if let Some((opcode, payload, used)) = server_frame(&self.buffer) {
+                self.buffer.drain(..used);
+                if opcode == 8 {
+                    return (payload.len() >= 2)
+                        .then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                }
+                continue;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = match tokio::time::timeout(WAIT, self.tcp.read(&mut chunk))
+                .await
+                .expect("a close within the wait")
+            {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => n,
+            };
+            self.buffer.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// One complete (unmasked, server-sent) frame at the start of `bytes`: opcode,
+/// payload and bytes used.
+fn server_frame(bytes: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
+    if bytes.len() < 2 {
+        return None;
+    }
+    let opcode = bytes[0] & 0x0f;
+    let (len, head) = match bytes[1] & 0x7f {
+        126 => (
+            usize::from(u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?])),
+            4,
+        ),
+        127 => {
+            let raw: [u8; 8] = bytes.get(2..10)?.try_into().ok()?;
+            (usize::try_from(u64::from_be_bytes(raw)).ok()?, 10)
+        }
+        short => (usize::from(short), 2),
+    };
+    let payload = bytes.get(head..head + len)?.to_vec();
+    Some((opcode, payload, head + len))
+}
+
+/// A client frame: `first` is the first header byte (FIN, RSV bits, opcode), the
+/// payload is masked when `mask` is given.
+pub fn client_frame(first: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut frame = vec![first];
+    let mask_bit = if mask.is_some() { 0x80 } else { 0 };
+    if payload.len() < 126 {
+        frame.push(mask_bit | payload.len() as u8);
+    } else {
+        frame.push(mask_bit | 126);
+        frame.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    }
+    match mask {
+        Some(key) => {
+            frame.extend_from_slice(&key);
+            frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        }
+        None => frame.extend_from_slice(payload),
+    }
+    frame
+}

@@ -24,6 +24,12 @@ pub enum CloseReason {
     GoingAway,
     /// A client frame over the size limit.
     MessageTooLarge,
+    /// The client broke the WebSocket protocol (RFC 6455 §7.4.1: 1002): reserved
+    /// bits or opcodes, an unmasked frame, a fragmented or oversized control frame,
+    /// a malformed close frame.
+    ProtocolError(String),
+    /// A text message that is not UTF-8 (RFC 6455: 1007).
+    InvalidPayload(String),
     /// The event stream cannot be reached: the client should come back (with
     /// `lastEventId`) a little later. Not in the contract's table, which is silent
     /// on outages; 1013 is RFC 6455's "try again later".
@@ -43,6 +49,8 @@ impl CloseReason {
             CloseReason::SlowConsumer => 4500,
             CloseReason::GoingAway => 1001,
             CloseReason::MessageTooLarge => 1009,
+            CloseReason::ProtocolError(_) => 1002,
+            CloseReason::InvalidPayload(_) => 1007,
             CloseReason::Unavailable(_) => 1013,
         }
     }
@@ -59,6 +67,8 @@ impl CloseReason {
             CloseReason::SlowConsumer => "slow_consumer",
             CloseReason::GoingAway => "going_away",
             CloseReason::MessageTooLarge => "message_too_large",
+            CloseReason::ProtocolError(_) => "protocol_error",
+            CloseReason::InvalidPayload(_) => "invalid_payload",
             CloseReason::Unavailable(_) => "unavailable",
         }
     }
@@ -66,7 +76,10 @@ impl CloseReason {
     /// The `connection:error` message, for people.
     pub fn message(&self) -> String {
         match self {
-            CloseReason::BadRequest(why) | CloseReason::Unauthorized(why) => why.clone(),
+            CloseReason::BadRequest(why)
+            | CloseReason::Unauthorized(why)
+            | CloseReason::ProtocolError(why)
+            | CloseReason::InvalidPayload(why) => why.clone(),
             CloseReason::Forbidden => "token belongs to another session".into(),
             CloseReason::SessionNotFound => "no such session".into(),
             CloseReason::HeartbeatTimeout => "no heartbeat:pong in time".into(),
@@ -103,6 +116,8 @@ mod tests {
             CloseReason::SlowConsumer,
             CloseReason::GoingAway,
             CloseReason::MessageTooLarge,
+            CloseReason::ProtocolError("x".into()),
+            CloseReason::InvalidPayload("x".into()),
             CloseReason::Unavailable("x".into()),
         ];
         let statuses: std::collections::HashSet<u16> = all.iter().map(|r| r.status()).collect();

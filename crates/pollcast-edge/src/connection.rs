@@ -280,6 +280,7 @@ where
                     Some(Inbound::TooLarge) => {
                         return End::Close(CloseReason::MessageTooLarge);
                     }
+                    Some(Inbound::Violation(reason)) => return End::Close(reason),
                     Some(Inbound::Closed) | None => return End::Gone,
                 },
                 queued = self.live.recv() => match queued {

@@ -3,6 +3,8 @@
 
 use fastwebsockets::{Frame, OpCode, WebSocketError, WebSocketRead};
 use pollcast_protocol::ClientFrame;
+
+use crate::close::CloseReason;
 use tokio::io::AsyncRead;
 use tokio::sync::mpsc;
 
@@ -20,6 +22,8 @@ pub enum Inbound {
     BadFrame(String),
     /// A message over [`MAX_CLIENT_MESSAGE`].
     TooLarge,
+    /// The client broke the protocol; the connection must close for this reason.
+    Violation(CloseReason),
     /// A control frame the protocol obliges us to send (pong to a WebSocket ping,
     /// the echo of a close).
     Control(OpCode, Vec<u8>),
@@ -32,6 +36,8 @@ pub async fn run<S: AsyncRead + Unpin>(mut ws: WebSocketRead<S>, tx: mpsc::Sende
     // The per-frame limit stops a single oversized frame before it is buffered;
     // the message limit below covers fragmented ones.
     ws.set_max_message_size(MAX_CLIENT_MESSAGE + 1);
+    // Pings come to us, so that an unmasked one is refused like any other frame.
+    ws.set_auto_pong(false);
     let mut message: Vec<u8> = Vec::new();
     let mut message_is_text = false;
     loop {
@@ -44,21 +50,23 @@ pub async fn run<S: AsyncRead + Unpin>(mut ws: WebSocketRead<S>, tx: mpsc::Sende
                     .map_err(|_| "connection task gone")
             }
         };
-        let frame = match ws.read_frame(&mut obliged).await {
+        let mut frame = match ws.read_frame(&mut obliged).await {
             Ok(frame) => frame,
-            Err(WebSocketError::FrameTooLarge) => {
-                let _ = tx.send(Inbound::TooLarge).await;
-                return;
-            }
             Err(err) => {
                 tracing::debug!(error = %err, "client read ended");
-                let _ = tx.send(Inbound::Closed).await;
+                let _ = tx.send(ended_by(err)).await;
                 return;
             }
         };
+        if !masked(&mut frame) {
+            let reason = CloseReason::ProtocolError("client frames must be masked".into());
+            let _ = tx.send(Inbound::Violation(reason)).await;
+            return;
+        }
         let inbound = match frame.opcode {
             OpCode::Close => Some(Inbound::Closed),
-            OpCode::Ping | OpCode::Pong => None,
+            OpCode::Ping => Some(Inbound::Control(OpCode::Pong, frame.payload.to_vec())),
+            OpCode::Pong => None,
             OpCode::Text | OpCode::Binary | OpCode::Continuation => {
                 if frame.opcode != OpCode::Continuation {
                     message.clear();
@@ -69,6 +77,11 @@ pub async fn run<S: AsyncRead + Unpin>(mut ws: WebSocketRead<S>, tx: mpsc::Sende
                     return;
                 }
                 message.extend_from_slice(&frame.payload);
+                if frame.fin && message_is_text && std::str::from_utf8(&message).is_err() {
+                    let reason = CloseReason::InvalidPayload("text messages must be UTF-8".into());
+                    let _ = tx.send(Inbound::Violation(reason)).await;
+                    return;
+                }
                 frame.fin.then(|| decode(message_is_text, &message))
             }
         };
@@ -79,6 +92,42 @@ pub async fn run<S: AsyncRead + Unpin>(mut ws: WebSocketRead<S>, tx: mpsc::Sende
             }
         }
     }
+}
+
+/// What a read error means for the connection: RFC 6455 wants protocol errors
+/// answered with a close frame (1002, or 1007 for text that is not UTF-8); a
+/// broken socket has nobody left to answer.
+fn ended_by(err: WebSocketError) -> Inbound {
+    let violation = |why: &str| Inbound::Violation(CloseReason::ProtocolError(why.into()));
+    match err {
+        WebSocketError::FrameTooLarge => Inbound::TooLarge,
+        WebSocketError::InvalidUTF8 => {
+            Inbound::Violation(CloseReason::InvalidPayload("text must be UTF-8".into()))
+        }
+        WebSocketError::ReservedBitsNotZero => {
+            violation("reserved bits set; no extension was negotiated")
+        }
+        WebSocketError::InvalidValue => violation("reserved opcode"),
+        WebSocketError::ControlFrameFragmented => {
+            violation("control frames must not be fragmented")
+        }
+        WebSocketError::PingFrameTooLarge => violation("control frames carry at most 125 bytes"),
+        WebSocketError::InvalidCloseFrame => violation("malformed close frame"),
+        WebSocketError::InvalidFragment | WebSocketError::InvalidContinuationFrame => {
+            violation("continuation frame out of place")
+        }
+        // fastwebsockets has already answered a bad close code with 1002.
+        _ => Inbound::Closed,
+    }
+}
+
+/// Whether a client frame carried a masking key (RFC 6455 §5.1: a server must
+/// fail the connection on one that did not). The key is only visible in the
+/// frame's header as fastwebsockets would write it back.
+fn masked(frame: &mut Frame<'_>) -> bool {
+    let mut head = [0u8; 14];
+    frame.fmt_head(&mut head);
+    head[1] & 0x80 != 0
 }
 
 fn decode(is_text: bool, message: &[u8]) -> Inbound {
