@@ -13,12 +13,17 @@
 //! own would decide it: the idempotency key (already answered → that answer, no
 //! event), the poll still active, the vote not a second one (`ON CONFLICT DO
 //! NOTHING` on the one-vote index, so a refusal does not abort the batch), then
-//! `vote:accepted` or `vote:rejected` and the key's answer.
+//! `vote:accepted` or `vote:rejected` and the key's answer. Before all that, a
+//! ballot whose participant the session does not have is refused (401).
+//!
+//! A batch that fails as a whole (say, a stored answer that cannot be read)
+//! committed nothing; its ballots are then decided one by one, so only the faulty
+//! one gets the error.
 
 use pollcast_protocol::{DomainEvent, PollStatus, Vote};
-use pollcast_store::{idempotency_key, poll, vote, vote_choice};
+use pollcast_store::{idempotency_key, participant, poll, vote, vote_choice};
 use sea_orm::sea_query::OnConflict;
-use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter};
+use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QuerySelect};
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use tokio::sync::{mpsc, oneshot};
@@ -210,11 +215,30 @@ impl Domain {
             .into_iter()
             .map(|p| p.id)
             .collect();
+        // A signed token is no proof its participant exists here (the database may
+        // have been reset under the same secret): one query for the whole batch.
+        let voters: HashSet<Uuid> = participant::Entity::find()
+            .select_only()
+            .column(participant::Column::Id)
+            .filter(participant::Column::Id.is_in(ballots.iter().map(|b| b.participant_id)))
+            .filter(participant::Column::SessionId.eq(session_id))
+            .into_tuple()
+            .all(&tx.txn)
+            .await?
+            .into_iter()
+            .collect();
         // Keys answered earlier in this batch (a retry queued behind its original).
         let mut answered: HashMap<(Uuid, &str), StoredAnswer> = HashMap::new();
         let mut outcomes = Vec::with_capacity(ballots.len());
         let mut accepted_polls = HashSet::new();
         for ballot in ballots {
+            if !voters.contains(&ballot.participant_id) {
+                // Refused before the vote is considered: no event, no stored answer.
+                outcomes.push(Err(DomainError::Unauthorized(
+                    "the token's participant is not a participant of its session",
+                )));
+                continue;
+            }
             if let Some(key) = ballot.key.as_deref() {
                 let earlier = match answered.get(&(ballot.participant_id, key)) {
                     Some(answer) => Some(answer.clone()),
@@ -393,12 +417,20 @@ mod tests {
                 .expect("join");
             voters.push(joined.participant.id);
         }
-        // The third ballot names a participant the database does not have: its
-        // insert violates the foreign key and aborts the batch transaction.
-        voters.insert(2, Uuid::now_v7());
+        // The third ballot's idempotency key has a stored answer that cannot be
+        // read: deciding it fails the batch transaction.
+        idempotency_key::Entity::insert(idempotency_key::ActiveModel {
+            participant_id: Set(voters[2]),
+            key: Set("corrupt".into()),
+            answer: Set("not an answer".into()),
+            created_at: Set(chrono::Utc::now()),
+        })
+        .exec_without_returning(domain.db())
+        .await
+        .expect("corrupt answer stored");
         let mut batch = Vec::new();
         let mut receivers = Vec::new();
-        for participant_id in &voters {
+        for (i, participant_id) in voters.iter().enumerate() {
             let (answer, answered) = oneshot::channel();
             batch.push(Pending {
                 ballot: Ballot {
@@ -406,7 +438,7 @@ mod tests {
                     poll_id: poll.id,
                     participant_id: *participant_id,
                     choice: Ok(vec![poll.options[0].id]),
-                    key: None,
+                    key: (i == 2).then(|| "corrupt".to_owned()),
                 },
                 answer,
             });
@@ -422,6 +454,6 @@ mod tests {
             assert!(outcome.is_ok(), "ballot {i}: {outcome:?}");
         }
         let results = domain.results(&presenter, poll.id).await.expect("results");
-        assert_eq!(results.total_votes, 4);
+        assert_eq!(results.total_votes, 3);
     }
 }

@@ -8,7 +8,7 @@
 //! transaction.
 
 use pollcast_protocol::{Poll, PollKind, PollStatus, Vote};
-use pollcast_store::{idempotency_key, participant};
+use pollcast_store::idempotency_key;
 use sea_orm::{ConnectionTrait, EntityTrait};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -71,17 +71,6 @@ impl Domain {
         }
         let row = self.poll_row(claims, poll_id).await?;
         let participant_id = claims.require_participant(row.session_id)?;
-        // A signed token is not proof the participant exists here: the database may
-        // have been reset under the same secret. Such a token is no credential.
-        let known = participant::Entity::find_by_id(participant_id)
-            .one(self.db())
-            .await?
-            .is_some_and(|p| p.session_id == claims.session_id);
-        if !known {
-            return Err(DomainError::Unauthorized(
-                "the token's participant is not a participant of its session",
-            ));
-        }
         // A retry answered long ago needs no lock: answer it straight away.
         if let Some(key) = key.as_deref()
             && let Some(answer) = stored_answer(self.db(), participant_id, key).await?
