@@ -18,8 +18,10 @@ pub struct BenchServer {
 }
 
 impl BenchServer {
-    /// Starts one.
-    pub async fn start() -> anyhow::Result<BenchServer> {
+    /// Starts one, with SQLite's durability as given.
+    pub async fn start_with(
+        sqlite_sync: pollcast_store::SqliteSync,
+    ) -> anyhow::Result<BenchServer> {
         let dir = tempfile::tempdir()?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let settings = Settings {
@@ -32,7 +34,10 @@ impl BenchServer {
                     "sqlite://{}?mode=rwc",
                     dir.path().join("bench.db").display()
                 ),
-                db_max_connections: 8,
+                store: pollcast_store::StoreOptions {
+                    max_connections: 8,
+                    sqlite_sync,
+                },
                 domain: DomainConfig::default(),
                 single_node: true,
                 rate_limits: RateLimitConfig::OFF,
@@ -42,6 +47,13 @@ impl BenchServer {
         };
         let server = Server::start(listener, settings, Arc::new(EmbeddedStream::default())).await?;
         Ok(BenchServer { server, _dir: dir })
+    }
+}
+
+impl BenchServer {
+    /// Starts one with the default (durable) SQLite settings.
+    pub async fn start() -> anyhow::Result<BenchServer> {
+        Self::start_with(pollcast_store::SqliteSync::default()).await
     }
 }
 

@@ -24,6 +24,9 @@ struct Args {
     /// Runs, each on a fresh server.
     #[arg(long, default_value_t = 5)]
     runs: usize,
+    /// SQLite's `synchronous` setting: `full` (the default) or `normal`.
+    #[arg(long, default_value = "full")]
+    sqlite_synchronous: String,
 }
 
 const RUN_LIMIT: Duration = Duration::from_secs(300);
@@ -61,7 +64,12 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn one_run(args: &Args) -> anyhow::Result<(Percentiles, f64)> {
-    let bench = BenchServer::start().await?;
+    let sync = match args.sqlite_synchronous.as_str() {
+        "full" => pollcast_store::SqliteSync::Full,
+        "normal" => pollcast_store::SqliteSync::Normal,
+        other => anyhow::bail!("--sqlite-synchronous is full or normal, not {other}"),
+    };
+    let bench = BenchServer::start_with(sync).await?;
     let api = Api::new(format!("http://{}", bench.server.addr()));
     let presenter = api.started_session().await;
     let poll = api.active_poll(&presenter).await;

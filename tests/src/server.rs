@@ -110,7 +110,7 @@ impl TestServer {
             keys: TokenKeys::new(SECRET, Duration::from_secs(24 * 60 * 60)),
             api: Some(ApiSettings {
                 database_url: database_url.clone(),
-                db_max_connections: 16,
+                store: pollcast_store::StoreOptions::default(),
                 domain: options.domain,
                 rate_limits: options.rate_limits,
                 single_node: true,

@@ -365,7 +365,7 @@ mod tests {
 
     /// A domain on an in-memory SQLite database (one connection, so one database).
     async fn domain() -> Domain {
-        let db = pollcast_store::connect("sqlite::memory:", 1)
+        let db = pollcast_store::connect("sqlite::memory:", Default::default())
             .await
             .expect("in-memory database");
         let keys = TokenKeys::new(b"vote batch unit tests", Duration::from_secs(60));

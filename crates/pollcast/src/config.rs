@@ -48,6 +48,19 @@ pub struct StoreArgs {
     /// Maximum PostgreSQL connections.
     #[arg(long, env = "POLLCAST_DB_MAX_CONNECTIONS", default_value_t = 16)]
     pub db_max_connections: u32,
+    /// SQLite durability: `full` (every answered commit survives a power loss) or
+    /// `normal` (faster; survives a crash of the process, not of the machine).
+    #[arg(long, env = "POLLCAST_SQLITE_SYNCHRONOUS", value_enum, default_value_t = SqliteSynchronous::Full)]
+    pub sqlite_synchronous: SqliteSynchronous,
+}
+
+/// `--sqlite-synchronous`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SqliteSynchronous {
+    /// `PRAGMA synchronous=FULL`.
+    Full,
+    /// `PRAGMA synchronous=NORMAL`.
+    Normal,
 }
 
 /// What one `pollcast serve` process runs.
@@ -177,6 +190,17 @@ pub struct ServeArgs {
 }
 
 impl StoreArgs {
+    /// How to connect.
+    pub fn options(&self) -> pollcast_store::StoreOptions {
+        pollcast_store::StoreOptions {
+            max_connections: self.db_max_connections,
+            sqlite_sync: match self.sqlite_synchronous {
+                SqliteSynchronous::Full => pollcast_store::SqliteSync::Full,
+                SqliteSynchronous::Normal => pollcast_store::SqliteSync::Normal,
+            },
+        }
+    }
+
     /// The database URL, defaulting to a SQLite file in the data directory (created
     /// if missing).
     pub fn database_url(&self) -> anyhow::Result<String> {

@@ -47,8 +47,8 @@ pub struct Settings {
 pub struct ApiSettings {
     /// `sqlite://…` or `postgres://…`.
     pub database_url: String,
-    /// Pool size for PostgreSQL (SQLite always uses one connection).
-    pub db_max_connections: u32,
+    /// Pool size and SQLite durability.
+    pub store: pollcast_store::StoreOptions,
     /// Domain settings.
     pub domain: DomainConfig,
     /// Limits on writes (429).
@@ -75,7 +75,7 @@ impl ApiPart {
         stream: Arc<dyn EventStream>,
         shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<ApiPart> {
-        let db = pollcast_store::connect(&settings.database_url, settings.db_max_connections)
+        let db = pollcast_store::connect(&settings.database_url, settings.store)
             .await
             .context("connecting to the database")?;
         let domain = Domain::new(db, stream, keys, settings.domain);

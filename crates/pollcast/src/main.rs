@@ -36,7 +36,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Role::Edge => None,
         Role::Api | Role::All => Some(ApiSettings {
             database_url: args.store.database_url()?,
-            db_max_connections: args.store.db_max_connections,
+            store: args.store.options(),
             domain: args.domain_config(),
             rate_limits: args.rate_limits(),
             single_node: stream_config.is_embedded(),
@@ -62,7 +62,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn migrate(args: StoreArgs) -> anyhow::Result<()> {
-    pollcast_store::connect(&args.database_url()?, 1)
+    pollcast_store::connect(&args.database_url()?, args.options())
         .await
         .context("migrating the database")?;
     tracing::info!("migrations applied");
