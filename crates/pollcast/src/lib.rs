@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub mod config;
+pub mod open_files;
 
 pub use config::Config;
 

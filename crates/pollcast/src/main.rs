@@ -15,6 +15,8 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         // stderr, as the README says: stdout stays free for command output.
         .with_writer(std::io::stderr)
+        // Colours for people at a terminal, not for log files and collectors.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             EnvFilter::try_from_env("POLLCAST_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
         )
@@ -42,7 +44,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             single_node: stream_config.is_embedded(),
         }),
     };
-    let edge = (args.role != Role::Api).then(|| args.edge_config());
+    let edge = (args.role != Role::Api).then(|| {
+        let mut edge = args.edge_config();
+        edge.max_connections = pollcast::open_files::websocket_budget(
+            edge.max_connections,
+            args.store.db_max_connections,
+        );
+        edge
+    });
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;

@@ -140,3 +140,47 @@ fn an_edge_without_the_api_secret_is_refused_instead_of_inventing_one() {
         "an edge must not generate a secret"
     );
 }
+
+/// Under a low open-files limit the node says so at start-up, caps its WebSocket
+/// connections below it, and still answers.
+#[tokio::test]
+async fn a_low_open_files_limit_is_reported_and_websockets_are_capped_under_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let log = dir.path().join("stderr.log");
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(r#"ulimit -n 400 && exec "$0" serve --listen "$1" --data-dir "$2" 2>"$3""#)
+        .arg(BIN)
+        .arg(format!("127.0.0.1:{port}"))
+        .arg(dir.path())
+        .arg(&log)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("pollcast starts");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let healthy = loop {
+        if let Ok(reply) = reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await
+            && reply.status().is_success()
+        {
+            break true;
+        }
+        if std::time::Instant::now() > deadline {
+            break false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(healthy, "never healthy: {stderr}");
+    assert!(
+        stderr.contains("does not fit under the open-files limit"),
+        "{stderr}"
+    );
+    // 400 less the 256 + 16 reserved.
+    assert!(stderr.contains("capped_to=128"), "{stderr}");
+}
