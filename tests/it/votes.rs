@@ -381,6 +381,36 @@ async fn token_of_an_unknown_participant_is_unauthorized_and_harms_no_one(backen
     assert_eq!(vote_counts(&results), vec![40, 0, 0]);
 }
 
+/// A results update still waiting in its coalescing window when the process goes
+/// (a crash loses it the same way) is published by the next start.
+async fn results_left_waiting_by_a_stopped_process_are_published_after_the_restart(
+    backend: Backend,
+) {
+    let waiting = pollcast_tests::server::Options {
+        domain: pollcast_domain::DomainConfig {
+            results_interval: std::time::Duration::from_secs(30),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let t = TestServer::start_with(backend, waiting).await;
+    let p = t.api.started_session().await;
+    let poll = t.api.active_poll(&p).await;
+    let ada = t.api.join(&p.code, "Ada").await;
+    t.api
+        .vote(&id_of(&poll), &ada.token, &[&option_id(&poll, 1)])
+        .await
+        .expect(201);
+    let t = t.restart(Default::default()).await;
+    let session: Uuid = p.session_id.parse().expect("uuid");
+    let events = t.events_through(session, 0, "results:updated").await;
+    let Some(DomainEvent::ResultsUpdated { results }) = events.last().map(|e| &e.event) else {
+        panic!("no results:updated: {events:?}");
+    };
+    assert_eq!(results.total_votes, 1);
+    assert_eq!(results.options[1].votes, 1);
+}
+
 pollcast_tests::on_both_backends!(
     votes_stay_correct_while_batch_tasks_retire_and_restart,
     accepted_vote_answers_201_and_counts,
@@ -395,4 +425,5 @@ pollcast_tests::on_both_backends!(
     idempotency_key_replays_a_rejection_too,
     results_are_final_once_the_poll_closes,
     token_of_an_unknown_participant_is_unauthorized_and_harms_no_one,
+    results_left_waiting_by_a_stopped_process_are_published_after_the_restart,
 );

@@ -35,6 +35,7 @@ pub use error::{DomainError, DomainResult, VoteRejection};
 pub use participants::Joined;
 pub use pollcast_protocol::token::{Claims, TokenError, TokenKeys};
 pub use polls::{NewPoll, NewPollOption};
+pub use results::{AUDIT_EVERY, AUDIT_QUIET};
 pub use sessions::CreatedSession;
 pub use votes::VoteRequest;
 

@@ -1,17 +1,26 @@
 //! Results: exact tallies counted by the database, and the coalescing of
 //! `results:updated` so a storm of votes costs one event per interval, not one per
 //! vote.
+//!
+//! A coalescing timer lives in the process that took the vote: a crash (or a
+//! SIGKILL) inside the interval loses it, and screens would show a stale tally until
+//! the next vote. So every api node audits the active polls, at start-up and every
+//! [`AUDIT_EVERY`]: a poll whose last published tally is not its current one, and
+//! that has had no vote for [`AUDIT_QUIET`] (no healthy timer anywhere is about to
+//! cover it), gets a fresh `results:updated`.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use pollcast_protocol::{DomainEvent, OptionResult, Poll, PollStatus, Results};
-use pollcast_store::{vote, vote_choice};
+use pollcast_store::{outbox, poll, vote, vote_choice};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect,
+    ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect,
     sea_query::{Expr, ExprTrait},
 };
+use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::tx::SessionTx;
@@ -51,6 +60,13 @@ pub(crate) async fn tally<C: ConnectionTrait>(conn: &C, poll: &Poll) -> DomainRe
         is_final: poll.status == PollStatus::Closed,
     })
 }
+
+/// How often every api node audits the active polls' published tallies.
+pub const AUDIT_EVERY: Duration = Duration::from_secs(5);
+/// How long a poll must have had no vote before the audit acts on it.
+pub const AUDIT_QUIET: Duration = Duration::from_secs(1);
+/// `results:updated` rows of a session searched, newest first, for a poll's last.
+const AUDIT_SCAN: u64 = 256;
 
 /// Polls that have a `results:updated` scheduled. At most one is pending per poll:
 /// votes arriving meanwhile are covered by it.
@@ -110,5 +126,85 @@ impl Domain {
         let results = tally(&tx.txn, &poll).await?;
         tx.emit(DomainEvent::ResultsUpdated { results });
         tx.commit(self).await
+    }
+
+    /// Audits the active polls now (after `quiet` without votes) and then every
+    /// [`AUDIT_EVERY`] (after [`AUDIT_QUIET`]), until `shutdown` turns true.
+    pub async fn audit_results(self, quiet: Duration, mut shutdown: watch::Receiver<bool>) {
+        let mut quiet = quiet;
+        loop {
+            match self.republish_stale_results(quiet).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(polls = n, "results republished after a lost update"),
+                Err(err) => tracing::warn!(error = %err, "results audit failed"),
+            }
+            quiet = AUDIT_QUIET;
+            tokio::select! {
+                () = tokio::time::sleep(AUDIT_EVERY) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Publishes a `results:updated` for every active poll whose last published
+    /// tally is not its current one and that has had no vote for `quiet`; returns
+    /// how many.
+    pub async fn republish_stale_results(&self, quiet: Duration) -> DomainResult<usize> {
+        let cutoff = chrono::Utc::now() - chrono::Duration::from_std(quiet).unwrap_or_default();
+        let active = poll::Entity::find()
+            .filter(poll::Column::Status.eq(PollStatus::Active.as_str()))
+            .all(self.db())
+            .await?;
+        let mut republished = 0;
+        for row in active {
+            if self.inner.results.pending().contains(&row.id) {
+                continue;
+            }
+            let newest_vote: Option<chrono::DateTime<chrono::Utc>> = vote::Entity::find()
+                .select_only()
+                .column_as(Expr::col(vote::Column::CreatedAt).max(), "newest")
+                .filter(vote::Column::PollId.eq(row.id))
+                .into_tuple::<Option<chrono::DateTime<chrono::Utc>>>()
+                .one(self.db())
+                .await?
+                .flatten();
+            if newest_vote.is_none_or(|at| at > cutoff) {
+                continue;
+            }
+            let poll = convert::poll(&row)?;
+            let current = tally(self.db(), &poll).await?;
+            let published = self.last_published_results(row.session_id, row.id).await?;
+            let behind = published.is_none_or(|p| {
+                p.total_votes != current.total_votes || p.options != current.options
+            });
+            if behind {
+                self.publish_results(row.session_id, row.id).await?;
+                republished += 1;
+            }
+        }
+        Ok(republished)
+    }
+
+    /// The newest `results:updated` the session's outbox holds for the poll.
+    async fn last_published_results(
+        &self,
+        session_id: Uuid,
+        poll_id: Uuid,
+    ) -> DomainResult<Option<Results>> {
+        let rows = outbox::Entity::find()
+            .filter(outbox::Column::SessionId.eq(session_id))
+            .filter(outbox::Column::EventType.eq("results:updated"))
+            .order_by_desc(outbox::Column::Position)
+            .limit(AUDIT_SCAN)
+            .all(self.db())
+            .await?;
+        for row in rows {
+            if let DomainEvent::ResultsUpdated { results } = serde_json::from_str(&row.payload)?
+                && results.poll_id == poll_id
+            {
+                return Ok(Some(results));
+            }
+        }
+        Ok(None)
     }
 }

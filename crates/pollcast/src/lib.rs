@@ -9,6 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
@@ -67,6 +68,8 @@ struct ApiPart {
     rate_limits: RateLimitConfig,
     relay: JoinHandle<()>,
     presence: JoinHandle<()>,
+    /// Republishes tallies a crash left stale.
+    audit: JoinHandle<()>,
 }
 
 impl ApiPart {
@@ -97,18 +100,27 @@ impl ApiPart {
             );
         }
         let relay = tokio::spawn(relay.run(shutdown.clone()));
-        let presence = tokio::spawn(domain.presence_tracker().run(shutdown));
+        let presence = tokio::spawn(domain.presence_tracker().run(shutdown.clone()));
+        // Alone, nobody else can have a results update in flight: audit at once.
+        let quiet = if settings.single_node {
+            Duration::ZERO
+        } else {
+            pollcast_domain::AUDIT_QUIET
+        };
+        let audit = tokio::spawn(domain.clone().audit_results(quiet, shutdown));
         Ok(ApiPart {
             domain,
             rate_limits: settings.rate_limits,
             relay,
             presence,
+            audit,
         })
     }
 
     async fn stopped(self) -> anyhow::Result<()> {
         self.relay.await.context("relay task")?;
         self.presence.await.context("presence task")?;
+        self.audit.await.context("results audit task")?;
         Ok(())
     }
 }
