@@ -411,6 +411,127 @@ async fn results_left_waiting_by_a_stopped_process_are_published_after_the_resta
     assert_eq!(results.options[1].votes, 1);
 }
 
+/// The clean-up removes idempotency answers and published events older than the
+/// retention, while votes go on, and nothing younger: a retry inside the window
+/// still gets its first answer.
+async fn clean_up_removes_only_what_is_past_the_retention_while_votes_flow(backend: Backend) {
+    use pollcast_store::sea_orm::{
+        ActiveValue::Set, ColumnTrait, Database, EntityTrait, PaginatorTrait, QueryFilter,
+        sea_query::Expr,
+    };
+    use pollcast_store::{idempotency_key, outbox};
+    let options = pollcast_tests::server::Options {
+        domain: pollcast_domain::DomainConfig {
+            retention: std::time::Duration::from_secs(3600),
+            cleanup_every: std::time::Duration::from_millis(50),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let t = TestServer::start_with(backend, options).await;
+    let p = t.api.started_session().await;
+    let poll = t.api.active_poll(&p).await;
+    let (poll_id, option) = (id_of(&poll), option_id(&poll, 0));
+    let ada = t.api.join(&p.code, "Ada").await;
+    let bob = t.api.join(&p.code, "Bob").await;
+    let vote_path = format!("/api/polls/{poll_id}/votes");
+    let body = json!({ "optionIds": [option] });
+    let first = t
+        .api
+        .send(
+            reqwest::Method::POST,
+            &vote_path,
+            Some(&ada.token),
+            Some(body.clone()),
+            &[("Idempotency-Key", "fresh")],
+        )
+        .await
+        .expect(201);
+    t.settle(&p.session_id).await;
+    // Two hours old: an answer of Bob's and the session's first three events.
+    let db = Database::connect(&t.database_url).await.expect("connect");
+    let two_hours_ago = chrono::Utc::now() - chrono::Duration::hours(2);
+    idempotency_key::Entity::insert(idempotency_key::ActiveModel {
+        participant_id: Set(bob.id.parse().expect("uuid")),
+        key: Set("old".into()),
+        answer: Set(r#"{"outcome":"rejected","reason":"poll_not_active","message":"old"}"#.into()),
+        created_at: Set(two_hours_ago),
+    })
+    .exec_without_returning(&db)
+    .await
+    .expect("old answer");
+    let session: Uuid = p.session_id.parse().expect("uuid");
+    outbox::Entity::update_many()
+        .col_expr(outbox::Column::OccurredAt, Expr::value(two_hours_ago))
+        .filter(outbox::Column::SessionId.eq(session))
+        .filter(outbox::Column::Position.lte(3))
+        .exec(&db)
+        .await
+        .expect("backdate events");
+    let events_before = outbox::Entity::find()
+        .filter(outbox::Column::SessionId.eq(session))
+        .count(&db)
+        .await
+        .expect("count");
+    // Votes flow while the clean-up runs.
+    let mut voters = Vec::new();
+    for i in 0..30 {
+        let voter = t.api.join(&p.code, &format!("voter {i}")).await;
+        let (api, poll_id, option) = (t.api.clone(), poll_id.clone(), option_id(&poll, 0));
+        voters.push(tokio::spawn(async move {
+            api.vote(&poll_id, &voter.token, &[&option]).await.status
+        }));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let old_answers = idempotency_key::Entity::find()
+            .filter(idempotency_key::Column::Key.eq("old"))
+            .count(&db)
+            .await
+            .expect("count");
+        let old_events = outbox::Entity::find()
+            .filter(outbox::Column::SessionId.eq(session))
+            .filter(outbox::Column::Position.lte(3))
+            .count(&db)
+            .await
+            .expect("count");
+        if old_answers == 0 && old_events == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "old rows never removed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    for voter in voters {
+        assert_eq!(voter.await.expect("voter"), 201);
+    }
+    // Everything younger is still there: the fresh answer, and every other event.
+    let again = t
+        .api
+        .send(
+            reqwest::Method::POST,
+            &vote_path,
+            Some(&ada.token),
+            Some(body),
+            &[("Idempotency-Key", "fresh")],
+        )
+        .await
+        .expect(201);
+    assert_eq!(again, first, "the first answer, again");
+    let events_after_first_three = outbox::Entity::find()
+        .filter(outbox::Column::SessionId.eq(session))
+        .filter(outbox::Column::Position.lte(i64::try_from(events_before).expect("count")))
+        .count(&db)
+        .await
+        .expect("count");
+    assert_eq!(events_after_first_three, events_before - 3);
+    let results = t.api.results(&poll_id, &p.token).await;
+    assert_eq!(vote_counts(&results), vec![31, 0, 0]);
+    db.close().await.ok();
+}
+
 pollcast_tests::on_both_backends!(
     votes_stay_correct_while_batch_tasks_retire_and_restart,
     accepted_vote_answers_201_and_counts,
@@ -426,4 +547,5 @@ pollcast_tests::on_both_backends!(
     results_are_final_once_the_poll_closes,
     token_of_an_unknown_participant_is_unauthorized_and_harms_no_one,
     results_left_waiting_by_a_stopped_process_are_published_after_the_restart,
+    clean_up_removes_only_what_is_past_the_retention_while_votes_flow,
 );

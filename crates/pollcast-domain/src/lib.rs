@@ -24,6 +24,7 @@ mod polls;
 pub mod presence;
 pub mod relay;
 mod results;
+pub mod retention;
 mod sessions;
 mod tx;
 pub mod validate;
@@ -58,6 +59,12 @@ pub struct DomainConfig {
     pub presence_timeout: Duration,
     /// How long a session's vote batch task waits for votes before it retires.
     pub vote_batch_idle: Duration,
+    /// Idempotency answers and published outbox rows older than this are removed.
+    /// Never shorter than the history window: replays and the embedded engine's
+    /// restore read the outbox that far back.
+    pub retention: Duration,
+    /// How often the clean-up runs.
+    pub cleanup_every: Duration,
 }
 
 impl Default for DomainConfig {
@@ -68,6 +75,8 @@ impl Default for DomainConfig {
             presence_flush: Duration::from_secs(1),
             presence_timeout: Duration::from_secs(62),
             vote_batch_idle: Duration::from_secs(10),
+            retention: Duration::from_secs(24 * 60 * 60),
+            cleanup_every: Duration::from_secs(60),
         }
     }
 }

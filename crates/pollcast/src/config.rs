@@ -152,6 +152,11 @@ pub struct ServeArgs {
     #[arg(long, env = "POLLCAST_RESULTS_INTERVAL_MS", default_value_t = 50,
           value_parser = clap::value_parser!(u64).range(1..=90))]
     pub results_interval_ms: u64,
+    /// Idempotency answers and published events are removed from the database once
+    /// older than this (e.g. `48h`); at least `--stream-max-age`.
+    #[arg(long, env = "POLLCAST_RETENTION", default_value = "24h",
+          value_parser = humantime::parse_duration)]
+    pub retention: Duration,
     /// How often heartbeat answers are written to `lastSeenAt`, in milliseconds.
     #[arg(long, env = "POLLCAST_PRESENCE_FLUSH_MS", default_value_t = 1000)]
     pub presence_flush_ms: u64,
@@ -219,6 +224,14 @@ impl StoreArgs {
 impl ServeArgs {
     /// Refuses combinations that cannot work, saying why.
     pub fn validate(&self) -> anyhow::Result<()> {
+        if self.retention < self.stream.stream_max_age {
+            anyhow::bail!(
+                "--retention ({}) must be at least --stream-max-age ({}): replays and \
+                 restarts read the outbox as far back as the history window",
+                humantime::format_duration(self.retention),
+                humantime::format_duration(self.stream.stream_max_age)
+            );
+        }
         if self.role != Role::All && self.stream.nats_url.is_empty() {
             let role = if self.role == Role::Api {
                 "api"
@@ -262,6 +275,7 @@ impl ServeArgs {
             presence_timeout: Duration::from_millis(
                 self.heartbeat_timeout_ms + 2 * self.presence_flush_ms.max(1) + 1000,
             ),
+            retention: self.retention,
             ..DomainConfig::default()
         }
     }

@@ -70,6 +70,8 @@ struct ApiPart {
     presence: JoinHandle<()>,
     /// Republishes tallies a crash left stale.
     audit: JoinHandle<()>,
+    /// Removes old idempotency answers and published events.
+    cleanup: JoinHandle<()>,
 }
 
 impl ApiPart {
@@ -107,13 +109,15 @@ impl ApiPart {
         } else {
             pollcast_domain::AUDIT_QUIET
         };
-        let audit = tokio::spawn(domain.clone().audit_results(quiet, shutdown));
+        let audit = tokio::spawn(domain.clone().audit_results(quiet, shutdown.clone()));
+        let cleanup = tokio::spawn(domain.clone().run_cleanup(shutdown));
         Ok(ApiPart {
             domain,
             rate_limits: settings.rate_limits,
             relay,
             presence,
             audit,
+            cleanup,
         })
     }
 
@@ -121,6 +125,7 @@ impl ApiPart {
         self.relay.await.context("relay task")?;
         self.presence.await.context("presence task")?;
         self.audit.await.context("results audit task")?;
+        self.cleanup.await.context("clean-up task")?;
         Ok(())
     }
 }
