@@ -44,6 +44,7 @@ impl BenchServer {
             }),
             edge: Some(EdgeConfig::default()),
             metrics: None,
+            http: pollcast::HttpTimeouts::default(),
         };
         let server = Server::start(listener, settings, Arc::new(EmbeddedStream::default())).await?;
         Ok(BenchServer { server, _dir: dir })

@@ -117,6 +117,7 @@ impl TestServer {
             }),
             edge: Some(options.edge),
             metrics: None,
+            http: pollcast::HttpTimeouts::default(),
         };
         let server = Server::start(listener, settings, options.stream)
             .await

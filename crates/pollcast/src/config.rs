@@ -157,6 +157,12 @@ pub struct ServeArgs {
     #[arg(long, env = "POLLCAST_RETENTION", default_value = "24h",
           value_parser = humantime::parse_duration)]
     pub retention: Duration,
+    /// Longest wait for a request's headers, in milliseconds: from a new
+    /// connection's first byte on, and between requests on a kept-alive connection
+    /// (so idle keep-alive connections close too). Covers the WebSocket upgrade.
+    #[arg(long, env = "POLLCAST_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_read_timeout_ms: u64,
     /// How often heartbeat answers are written to `lastSeenAt`, in milliseconds.
     #[arg(long, env = "POLLCAST_PRESENCE_FLUSH_MS", default_value_t = 1000)]
     pub presence_flush_ms: u64,
@@ -277,6 +283,14 @@ impl ServeArgs {
             ),
             retention: self.retention,
             ..DomainConfig::default()
+        }
+    }
+
+    /// HTTP timeouts from the flags.
+    pub fn http_timeouts(&self) -> crate::HttpTimeouts {
+        crate::HttpTimeouts {
+            header_read: Duration::from_millis(self.header_read_timeout_ms),
+            ..crate::HttpTimeouts::default()
         }
     }
 

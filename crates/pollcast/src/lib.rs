@@ -14,7 +14,6 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::Router;
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use pollcast_api::RateLimitConfig;
 use pollcast_api::health::Readiness;
@@ -42,6 +41,8 @@ pub struct Settings {
     pub edge: Option<EdgeConfig>,
     /// Where `/metrics` reads from; `None` serves no `/metrics` route.
     pub metrics: Option<PrometheusHandle>,
+    /// What HTTP clients may hold open.
+    pub http: HttpTimeouts,
 }
 
 /// Settings of the api part.
@@ -186,7 +187,7 @@ impl Server {
         if let Some(handle) = settings.metrics {
             router = router.route("/metrics", get(move || std::future::ready(handle.render())));
         }
-        let http = serve(listener, router, send_buffer, shutdown_rx);
+        let http = serve(listener, router, send_buffer, settings.http, shutdown_rx);
         tracing::info!(%addr, api = api.is_some(), edge = edge.is_some(), "pollcast listening");
         Ok(Server {
             addr,
@@ -237,33 +238,117 @@ impl Server {
     }
 }
 
-/// Serves `router` until `stop` turns true.
+/// Limits on what an HTTP client may hold open.
+#[derive(Clone, Copy, Debug)]
+pub struct HttpTimeouts {
+    /// Longest wait for a request's headers, from the moment the connection waits
+    /// for them: a new connection's first request, or the next one on a kept-alive
+    /// connection (so it also bounds idle keep-alive connections). Covers the
+    /// WebSocket upgrade request.
+    pub header_read: Duration,
+    /// Longest graceful shutdown waits for requests in flight.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for HttpTimeouts {
+    fn default() -> Self {
+        Self {
+            header_read: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Serves `router` until `stop` turns true, one hyper HTTP/1 connection per
+/// accepted socket (with upgrades, for `/ws`).
 fn serve(
     listener: TcpListener,
     router: Router,
     send_buffer: Option<usize>,
+    timeouts: HttpTimeouts,
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<std::io::Result<()>> {
-    let listener = listener.tap_io(move |tcp| {
-        // Events are small and latency-bound: never wait to fill a segment.
-        if let Err(err) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %err, "TCP_NODELAY not set");
-        }
-        if let Some(bytes) = send_buffer
-            && let Err(err) = socket2::SockRef::from(&*tcp).set_send_buffer_size(bytes)
-        {
-            tracing::debug!(error = %err, "SO_SNDBUF not set");
-        }
-    });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(timeouts.header_read);
     tokio::spawn(async move {
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            // Either a shutdown request or the sender dropping ends serving.
-            let _ = stop.wait_for(|&stop| stop).await;
-        })
-        .await
+        // Every connection task holds a sender; `recv` answers `None` once all of
+        // them have ended.
+        let (alive, mut all_ended) = tokio::sync::mpsc::channel::<()>(1);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                // Either a shutdown request or the sender dropping ends serving.
+                () = async { let _ = stop.wait_for(|&stop| stop).await; } => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        // Out of descriptors (EMFILE) and the like: don't spin, and
+                        // go on once some are free again.
+                        tracing::error!(error = %err, "accept failed; pausing");
+                        metrics::counter!("pollcast_http_accept_errors_total").increment(1);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            // Events are small and latency-bound: never wait to fill a segment.
+            if let Err(err) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %err, "TCP_NODELAY not set");
+            }
+            if let Some(bytes) = send_buffer
+                && let Err(err) = socket2::SockRef::from(&tcp).set_send_buffer_size(bytes)
+            {
+                tracing::debug!(error = %err, "SO_SNDBUF not set");
+            }
+            let router = router.clone();
+            let service = tower::service_fn(
+                move |mut request: axum::extract::Request<hyper::body::Incoming>| {
+                    // What `into_make_service_with_connect_info` would add: the rate
+                    // limiter keys anonymous writes by it.
+                    request
+                        .extensions_mut()
+                        .insert(axum::extract::ConnectInfo(peer));
+                    let mut router = router.clone();
+                    async move { tower::Service::call(&mut router, request).await }
+                },
+            );
+            let connection = http
+                .serve_connection(
+                    hyper_util::rt::TokioIo::new(tcp),
+                    hyper_util::service::TowerToHyperService::new(service),
+                )
+                .with_upgrades();
+            let alive = alive.clone();
+            let mut stop = stop.clone();
+            tokio::spawn(async move {
+                let _alive = alive;
+                let mut connection = std::pin::pin!(connection);
+                let ended = tokio::select! {
+                    ended = connection.as_mut() => ended,
+                    // The guard `wait_for` returns is not `Send`: drop it inside.
+                    () = async { let _ = stop.wait_for(|&stop| stop).await; } => {
+                        // Finish the request in flight, then close.
+                        connection.as_mut().graceful_shutdown();
+                        connection.await
+                    }
+                };
+                if let Err(err) = ended {
+                    if err.is_timeout() {
+                        metrics::counter!("pollcast_http_timeouts_total", "kind" => "header_read")
+                            .increment(1);
+                    }
+                    tracing::debug!(error = %err, "HTTP connection ended");
+                }
+            });
+        }
+        drop(listener);
+        drop(alive);
+        if tokio::time::timeout(timeouts.shutdown_grace, all_ended.recv())
+            .await
+            .is_err()
+        {
+            tracing::warn!("HTTP requests still in flight after the grace period");
+        }
+        Ok(())
     })
 }

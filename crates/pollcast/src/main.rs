@@ -63,6 +63,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         api,
         edge,
         metrics: Some(metrics),
+        http: args.http_timeouts(),
     };
     let server = Server::start(listener, settings, stream).await?;
     shutdown_signal().await;

@@ -184,3 +184,77 @@ async fn a_low_open_files_limit_is_reported_and_websockets_are_capped_under_it()
     // 400 less the 256 + 16 reserved.
     assert!(stderr.contains("capped_to=128"), "{stderr}");
 }
+
+/// A client that sends half a request and then nothing is closed after the
+/// header timeout, and so is one idling between requests; meanwhile a normal
+/// client on the same node is served as fast as ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_header_and_idle_clients_are_closed_while_others_are_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data_dir = dir.path().display().to_string();
+    let server = Pollcast::serve(
+        BIN,
+        &["--data-dir", &data_dir, "--header-read-timeout-ms", "500"],
+        &[],
+    )
+    .await;
+    // Fifty half-sent requests, and one connection idle after a full request.
+    let mut slow = Vec::new();
+    for _ in 0..50 {
+        let mut tcp = tokio::net::TcpStream::connect(server.addr)
+            .await
+            .expect("connect");
+        tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: pollcast\r\n")
+            .await
+            .expect("half a request");
+        slow.push(tcp);
+    }
+    let mut idle = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: pollcast\r\n\r\n")
+        .await
+        .expect("a request");
+    let mut answer = [0u8; 512];
+    let n = idle.read(&mut answer).await.expect("an answer");
+    assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 200"));
+    let started = std::time::Instant::now();
+    // A normal client meanwhile.
+    let http = reqwest::Client::new();
+    let mut worst = std::time::Duration::ZERO;
+    for _ in 0..20 {
+        let t = std::time::Instant::now();
+        let reply = http
+            .get(format!("http://{}/healthz", server.addr))
+            .send()
+            .await
+            .expect("served");
+        assert_eq!(reply.status().as_u16(), 200);
+        worst = worst.max(t.elapsed());
+    }
+    assert!(
+        worst < std::time::Duration::from_millis(250),
+        "worst {worst:?}"
+    );
+    // Every held connection is closed by the server: reading ends in EOF or a
+    // reset (after, at most, a 408 answer).
+    for tcp in slow.iter_mut().chain(std::iter::once(&mut idle)) {
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            let mut buffer = [0u8; 512];
+            loop {
+                match tcp.read(&mut buffer).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "a held connection stayed open");
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= std::time::Duration::from_millis(300),
+        "closed too early: {elapsed:?}"
+    );
+}
