@@ -26,6 +26,10 @@ where
             .map_err(|rejection| {
                 if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                     ApiError::PayloadTooLarge
+                } else if timed_out(&rejection) {
+                    metrics::counter!("pollcast_http_timeouts_total", "kind" => "body_read")
+                        .increment(1);
+                    ApiError::InvalidBody("the request body stalled; send it whole".into())
                 } else {
                     ApiError::InvalidBody(rejection.body_text())
                 }
@@ -34,6 +38,18 @@ where
             .map(JsonBody)
             .map_err(|err| ApiError::InvalidBody(err.to_string()))
     }
+}
+
+/// Whether reading the body failed because it stalled past the body timeout.
+fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(err) = cause {
+        if err.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        cause = err.source();
+    }
+    false
 }
 
 /// Refuses a declared body over the limit before any handler runs, on every

@@ -1,7 +1,7 @@
 //! The REST API: HTTP in, domain calls, contract answers out. No business rule lives
 //! here; [`error`] is the one place domain errors become status codes.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
@@ -26,7 +26,10 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// `/healthz` and `/readyz`.
 /// Serve it with `into_make_service_with_connect_info::<SocketAddr>()` so that
 /// anonymous writes are limited per client address.
-pub fn router(domain: Domain, rate_limits: RateLimitConfig) -> Router {
+///
+/// `body_timeout` bounds the time between two pieces of a request body: a client
+/// that stalls mid-body is answered `400 invalid_body` and its connection closed.
+pub fn router(domain: Domain, rate_limits: RateLimitConfig, body_timeout: Duration) -> Router {
     let limits = rate_limit::RateLimits::new(domain.clone(), rate_limits);
     Router::new()
         .merge(routes::sessions::router())
@@ -38,6 +41,9 @@ pub fn router(domain: Domain, rate_limits: RateLimitConfig) -> Router {
         .layer(middleware::from_fn(body::refuse_oversized))
         .layer(middleware::from_fn_with_state(limits, rate_limit::limit))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            body_timeout,
+        ))
         .layer(middleware::from_fn(record_latency))
         .with_state(domain)
 }

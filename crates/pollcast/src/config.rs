@@ -163,6 +163,10 @@ pub struct ServeArgs {
     #[arg(long, env = "POLLCAST_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub header_read_timeout_ms: u64,
+    /// Longest pause while a request body arrives, in milliseconds.
+    #[arg(long, env = "POLLCAST_BODY_READ_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_read_timeout_ms: u64,
     /// How often heartbeat answers are written to `lastSeenAt`, in milliseconds.
     #[arg(long, env = "POLLCAST_PRESENCE_FLUSH_MS", default_value_t = 1000)]
     pub presence_flush_ms: u64,
@@ -290,6 +294,7 @@ impl ServeArgs {
     pub fn http_timeouts(&self) -> crate::HttpTimeouts {
         crate::HttpTimeouts {
             header_read: Duration::from_millis(self.header_read_timeout_ms),
+            body_read: Duration::from_millis(self.body_read_timeout_ms),
             ..crate::HttpTimeouts::default()
         }
     }

@@ -179,7 +179,11 @@ impl Server {
         };
         let mut router = pollcast_api::health::router(readiness);
         if let Some(api) = &api {
-            router = router.merge(pollcast_api::router(api.domain.clone(), api.rate_limits));
+            router = router.merge(pollcast_api::router(
+                api.domain.clone(),
+                api.rate_limits,
+                settings.http.body_read,
+            ));
         }
         if let Some(edge) = &edge {
             router = router.merge(edge.router());
@@ -246,6 +250,8 @@ pub struct HttpTimeouts {
     /// connection (so it also bounds idle keep-alive connections). Covers the
     /// WebSocket upgrade request.
     pub header_read: Duration,
+    /// Longest pause while a request body arrives.
+    pub body_read: Duration,
     /// Longest graceful shutdown waits for requests in flight.
     pub shutdown_grace: Duration,
 }
@@ -254,6 +260,7 @@ impl Default for HttpTimeouts {
     fn default() -> Self {
         Self {
             header_read: Duration::from_secs(10),
+            body_read: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
         }
     }

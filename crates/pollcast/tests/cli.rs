@@ -258,3 +258,40 @@ async fn slow_header_and_idle_clients_are_closed_while_others_are_served() {
         "closed too early: {elapsed:?}"
     );
 }
+
+/// A request body that stalls midway is answered `400 invalid_body` after the body
+/// timeout, and the connection closes.
+#[tokio::test]
+async fn a_body_that_stalls_is_refused_after_the_body_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data_dir = dir.path().display().to_string();
+    let server = Pollcast::serve(
+        BIN,
+        &["--data-dir", &data_dir, "--body-read-timeout-ms", "300"],
+        &[],
+    )
+    .await;
+    let mut tcp = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    tcp.write_all(
+        b"POST /api/sessions HTTP/1.1\r\nHost: pollcast\r\nContent-Type: application/json\r\n\
+          Content-Length: 40\r\n\r\n{\"title\":",
+    )
+    .await
+    .expect("a third of a request");
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tcp.read_to_end(&mut answer),
+    )
+    .await
+    .expect("answered and closed within 5 s");
+    assert!(read.is_ok() || !answer.is_empty());
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("invalid_body"), "{text}");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(250));
+}
