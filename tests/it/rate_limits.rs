@@ -4,7 +4,7 @@
 use pollcast_api::RateLimitConfig;
 use pollcast_tests::client::{id_of, option_id};
 use pollcast_tests::server::Options;
-use pollcast_tests::{Backend, Reply, TestServer};
+use pollcast_tests::{Api, Backend, Reply, TestServer};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -117,7 +117,51 @@ async fn anonymous_writes_over_the_address_limit_get_429(backend: Backend) {
         .expect(200);
 }
 
+/// Behind a trusted proxy each forwarded client has its own bucket; from anyone
+/// else, `X-Forwarded-For` buys nothing.
+async fn forwarded_for_is_believed_only_from_trusted_proxies(backend: Backend) {
+    let join = |api: Api, code: String, name: &'static str, client: &'static str| async move {
+        api.send(
+            reqwest::Method::POST,
+            "/api/join",
+            None,
+            Some(json!({ "code": code, "displayName": name })),
+            &[("X-Forwarded-For", client)],
+        )
+        .await
+    };
+    for trusted in [false, true] {
+        let config = RateLimitConfig {
+            anonymous_per_second: 1,
+            anonymous_burst: 2,
+            trusted_proxies: if trusted {
+                vec!["127.0.0.0/8".parse().expect("cidr")]
+            } else {
+                Vec::new()
+            },
+            ..RateLimitConfig::default()
+        };
+        let t = TestServer::start_with(backend, limited(config)).await;
+        // Creating the session took one of the loopback address's two.
+        let p = t.api.create_session("Town hall").await;
+        join(t.api.clone(), p.code.clone(), "Ada", "203.0.113.1")
+            .await
+            .expect(201);
+        let second = join(t.api.clone(), p.code.clone(), "Bob", "203.0.113.1").await;
+        let other_client = join(t.api.clone(), p.code.clone(), "Cy", "203.0.113.2").await;
+        if trusted {
+            second.expect(201);
+            other_client.expect(201);
+        } else {
+            // One bucket for everything from this peer, whatever the header says.
+            assert_rate_limited(&second);
+            assert_rate_limited(&other_client);
+        }
+    }
+}
+
 pollcast_tests::on_both_backends!(
     a_participant_over_the_write_limit_gets_429_and_changes_nothing,
     anonymous_writes_over_the_address_limit_get_429,
+    forwarded_for_is_believed_only_from_trusted_proxies,
 );

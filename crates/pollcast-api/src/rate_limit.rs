@@ -8,6 +8,10 @@
 //! joining, or a bad token) counts against the client's IP address, with generous
 //! defaults: a whole conference hall may join from one NAT address in a minute.
 //! Reads are not limited.
+//!
+//! Behind a proxy every client has the proxy's address. `X-Forwarded-For` names
+//! the real one, but anyone can send that header: it is believed only from peers in
+//! [`RateLimitConfig::trusted_proxies`], see [`client_address`].
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::num::NonZeroU32;
@@ -30,7 +34,7 @@ use crate::ApiError;
 const SWEEP_EVERY: u64 = 10_000;
 
 /// Rates and bursts; a rate of 0 turns that limit off.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RateLimitConfig {
     /// Writes per second per token holder.
     pub writes_per_second: u32,
@@ -40,6 +44,8 @@ pub struct RateLimitConfig {
     pub anonymous_per_second: u32,
     /// Such writes one IP may make at once.
     pub anonymous_burst: u32,
+    /// Peers whose `X-Forwarded-For` is believed (load balancers, ingress).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl RateLimitConfig {
@@ -49,6 +55,7 @@ impl RateLimitConfig {
         write_burst: 0,
         anonymous_per_second: 0,
         anonymous_burst: 0,
+        trusted_proxies: Vec::new(),
     };
 }
 
@@ -59,6 +66,7 @@ impl Default for RateLimitConfig {
             write_burst: 50,
             anonymous_per_second: 200,
             anonymous_burst: 2000,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -79,6 +87,7 @@ pub struct RateLimits {
     domain: Domain,
     writes: Option<Limiter>,
     anonymous: Option<Limiter>,
+    trusted_proxies: Vec<ipnet::IpNet>,
     checks: AtomicU64,
 }
 
@@ -95,6 +104,7 @@ impl RateLimits {
             domain,
             writes: limiter(config.writes_per_second, config.write_burst),
             anonymous: limiter(config.anonymous_per_second, config.anonymous_burst),
+            trusted_proxies: config.trusted_proxies,
             checks: AtomicU64::new(0),
         })
     }
@@ -132,14 +142,45 @@ impl RateLimits {
                 Some(claims),
             ),
             None => {
-                let address = request
+                let peer = request
                     .extensions()
                     .get::<ConnectInfo<SocketAddr>>()
                     .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+                let forwarded = request.headers().get_all("x-forwarded-for");
+                let hops = forwarded.iter().filter_map(|v| v.to_str().ok());
+                let address = client_address(peer, hops, &self.trusted_proxies);
                 (Key::Address(address), None)
             }
         }
     }
+}
+
+/// The client's address: the peer's, unless the peer is a trusted proxy; then the
+/// right-most `X-Forwarded-For` entry that is not a trusted proxy itself (each
+/// proxy appends the address it saw, so entries left of the first untrusted one
+/// are whatever the client chose to send). `headers` are the header's values in
+/// the order received; an entry that is not an address ends the walk.
+pub fn client_address<'h>(
+    peer: IpAddr,
+    headers: impl Iterator<Item = &'h str>,
+    trusted: &[ipnet::IpNet],
+) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let hops: Vec<&str> = headers.flat_map(|h| h.split(',')).collect();
+    let mut client = peer;
+    for hop in hops.iter().rev() {
+        let Ok(ip) = hop.trim().parse::<IpAddr>() else {
+            break;
+        };
+        client = ip;
+        if !is_trusted(&ip) {
+            break;
+        }
+    }
+    client
 }
 
 /// Refuses a POST whose bucket is empty, before anything else runs. The claims it
@@ -165,3 +206,46 @@ pub async fn limit(
 /// Claims already verified for this request.
 #[derive(Clone)]
 pub(crate) struct Verified(pub(crate) Claims);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().expect("address")
+    }
+
+    #[test]
+    fn forwarded_for_counts_only_from_trusted_proxies() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().expect("cidr")];
+        let header = ["203.0.113.9"];
+        // An untrusted peer's header is ignored.
+        assert_eq!(
+            client_address(ip("198.51.100.1"), header.into_iter(), &trusted),
+            ip("198.51.100.1")
+        );
+        // A trusted one's names the client.
+        assert_eq!(
+            client_address(ip("10.1.2.3"), header.into_iter(), &trusted),
+            ip("203.0.113.9")
+        );
+        // Through two trusted proxies; what the client wrote itself, left of them,
+        // does not count.
+        let chain = ["6.6.6.6, 203.0.113.9", "10.9.9.9"];
+        assert_eq!(
+            client_address(ip("10.1.2.3"), chain.into_iter(), &trusted),
+            ip("203.0.113.9")
+        );
+        // Garbage ends the walk at the last address believed.
+        let junk = ["nonsense, 10.9.9.9"];
+        assert_eq!(
+            client_address(ip("10.1.2.3"), junk.into_iter(), &trusted),
+            ip("10.9.9.9")
+        );
+        // No header: the proxy itself.
+        assert_eq!(
+            client_address(ip("10.1.2.3"), std::iter::empty(), &trusted),
+            ip("10.1.2.3")
+        );
+    }
+}

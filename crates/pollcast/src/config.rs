@@ -199,6 +199,10 @@ pub struct ServeArgs {
     /// (0: unlimited). Generous: a whole venue may share one address.
     #[arg(long, env = "POLLCAST_ANONYMOUS_PER_SECOND", default_value_t = RateLimitConfig::default().anonymous_per_second)]
     pub anonymous_per_second: u32,
+    /// Peers (CIDRs, comma-separated) whose `X-Forwarded-For` names the client for
+    /// rate limits: your load balancers. Empty: the header is ignored.
+    #[arg(long, env = "POLLCAST_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Writes without a token one IP may make at once.
     #[arg(long, env = "POLLCAST_ANONYMOUS_BURST", default_value_t = RateLimitConfig::default().anonymous_burst)]
     pub anonymous_burst: u32,
@@ -306,6 +310,7 @@ impl ServeArgs {
             write_burst: self.write_burst,
             anonymous_per_second: self.anonymous_per_second,
             anonymous_burst: self.anonymous_burst,
+            trusted_proxies: self.trusted_proxies.clone(),
         }
     }
 

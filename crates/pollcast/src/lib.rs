@@ -181,7 +181,7 @@ impl Server {
         if let Some(api) = &api {
             router = router.merge(pollcast_api::router(
                 api.domain.clone(),
-                api.rate_limits,
+                api.rate_limits.clone(),
                 settings.http.body_read,
             ));
         }
