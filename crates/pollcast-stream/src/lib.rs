@@ -152,12 +152,24 @@ pub trait EventStream: Send + Sync + 'static {
 }
 
 /// Which engine to run, and how much history it keeps.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct StreamConfig {
     /// History kept per session.
     pub retention: Retention,
+    /// Bytes of history the embedded engine keeps in memory across all sessions.
+    pub memory_budget: usize,
     /// `Some`: the JetStream engine on these servers; `None`: the embedded engine.
     pub nats: Option<NatsConfig>,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        Self {
+            retention: Retention::default(),
+            memory_budget: embedded::DEFAULT_BUDGET,
+            nats: None,
+        }
+    }
 }
 
 impl StreamConfig {
@@ -172,7 +184,10 @@ impl StreamConfig {
 /// one once NATS answers and its streams exist.
 pub async fn connect(config: &StreamConfig) -> Result<Arc<dyn EventStream>, StreamError> {
     Ok(match &config.nats {
-        None => Arc::new(EmbeddedStream::new(config.retention)),
+        None => Arc::new(EmbeddedStream::with_budget(
+            config.retention,
+            config.memory_budget,
+        )),
         Some(nats) => Arc::new(JetStreamStream::connect(nats.clone(), config.retention).await?),
     })
 }

@@ -99,6 +99,11 @@ pub struct StreamArgs {
     #[arg(long, env = "POLLCAST_STREAM_MAX_AGE", default_value = "24h",
           value_parser = humantime::parse_duration)]
     pub stream_max_age: Duration,
+    /// Memory for the embedded stream's history across all sessions, in MiB; past
+    /// it, the quietest sessions lose their oldest events first.
+    #[arg(long, env = "POLLCAST_HISTORY_MEMORY_MB", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub history_memory_mb: u64,
 }
 
 impl StreamArgs {
@@ -119,7 +124,11 @@ impl StreamArgs {
             manage_streams,
             ..NatsConfig::default()
         });
-        StreamConfig { retention, nats }
+        StreamConfig {
+            retention,
+            memory_budget: usize::try_from(self.history_memory_mb << 20).unwrap_or(usize::MAX),
+            nats,
+        }
     }
 }
 
