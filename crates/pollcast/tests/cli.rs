@@ -222,8 +222,8 @@ async fn slow_header_and_idle_clients_are_closed_while_others_are_served() {
     let started = std::time::Instant::now();
     // A normal client meanwhile.
     let http = reqwest::Client::new();
-    let mut worst = std::time::Duration::ZERO;
-    for _ in 0..20 {
+    let mut times = Vec::new();
+    for _ in 0..21 {
         let t = std::time::Instant::now();
         let reply = http
             .get(format!("http://{}/healthz", server.addr))
@@ -231,11 +231,14 @@ async fn slow_header_and_idle_clients_are_closed_while_others_are_served() {
             .await
             .expect("served");
         assert_eq!(reply.status().as_u16(), 200);
-        worst = worst.max(t.elapsed());
+        times.push(t.elapsed());
     }
+    times.sort();
+    // Queued behind the held connections, requests would wait out their 500 ms.
+    let median = times[times.len() / 2];
     assert!(
-        worst < std::time::Duration::from_millis(250),
-        "worst {worst:?}"
+        median < std::time::Duration::from_millis(100),
+        "median {median:?}"
     );
     // Every held connection is closed by the server: reading ends in EOF or a
     // reset (after, at most, a 408 answer).
