@@ -9,8 +9,9 @@ use pollcast_edge::EdgeConfig;
 use pollcast_stream::EmbeddedStream;
 use tokio::net::TcpListener;
 
-/// A server on 127.0.0.1:0 with a SQLite file in a temp dir, the embedded stream
-/// and no rate limits (benchmarks measure the path, not the limits).
+/// A server on 127.0.0.1:0 with a SQLite file in a temp dir, the embedded stream,
+/// no rate limits and no per-session caps (benchmarks measure the path, not the
+/// limits).
 pub struct BenchServer {
     /// The server.
     pub server: Server,
@@ -38,7 +39,13 @@ impl BenchServer {
                     max_connections: 8,
                     sqlite_sync,
                 },
-                domain: DomainConfig::default(),
+                // Benchmarks measure the path, not the limits: each fan-out event
+                // is a poll, and runs may send more than a session's cap.
+                domain: DomainConfig {
+                    max_polls_per_session: u32::MAX,
+                    max_participants_per_session: u32::MAX,
+                    ..DomainConfig::default()
+                },
                 single_node: true,
                 rate_limits: RateLimitConfig::OFF,
             }),

@@ -7,6 +7,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261126_000001_initial;
 mod m20261127_000001_connections;
 mod m20261127_000002_retention;
+mod m20261127_000003_session_counts;
 
 /// Runs pollcast's migrations in order.
 pub struct Migrator;
@@ -18,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000001_initial::Migration),
             Box::new(m20261127_000001_connections::Migration),
             Box::new(m20261127_000002_retention::Migration),
+            Box::new(m20261127_000003_session_counts::Migration),
         ]
     }
 }

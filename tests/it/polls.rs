@@ -234,10 +234,62 @@ async fn unknown_or_malformed_poll_id_is_poll_not_found(backend: Backend) {
     }
 }
 
+/// A session's polls and participants are capped, with a clear 409, and a refusal
+/// changes nothing.
+async fn polls_and_participants_past_the_session_caps_are_invalid_state(backend: Backend) {
+    let options = pollcast_tests::server::Options {
+        domain: pollcast_domain::DomainConfig {
+            max_polls_per_session: 2,
+            max_participants_per_session: 2,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let t = TestServer::start_with(backend, options).await;
+    let p = t.api.create_session("Town hall").await;
+    let path = format!("/api/sessions/{}/polls", p.session_id);
+    let body = json!({ "question": "Q?", "options": ["A", "B"] });
+    for _ in 0..2 {
+        t.api
+            .post(&path, Some(&p.token), body.clone())
+            .await
+            .expect(201);
+    }
+    let refused = t.api.post(&path, Some(&p.token), body).await;
+    refused.expect_error(409, "invalid_state");
+    assert!(
+        refused.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("at most 2 polls"))
+    );
+    let list = t.api.get(&path, Some(&p.token)).await.expect(200);
+    assert_eq!(list.as_array().map(Vec::len), Some(2));
+    t.api.join(&p.code, "Ada").await;
+    t.api.join(&p.code, "Bob").await;
+    t.api
+        .post(
+            "/api/join",
+            None,
+            json!({ "code": p.code, "displayName": "Cy" }),
+        )
+        .await
+        .expect_error(409, "invalid_state");
+    let participants = t
+        .api
+        .get(
+            &format!("/api/sessions/{}/participants", p.session_id),
+            Some(&p.token),
+        )
+        .await
+        .expect(200);
+    assert_eq!(participants.as_array().map(Vec::len), Some(2));
+}
+
 pollcast_tests::on_both_backends!(
     poll_is_created_as_draft_with_its_options,
     multiple_choice_defaults_max_choices_to_option_count,
     poll_outside_the_limits_is_validation_failed,
+    polls_and_participants_past_the_session_caps_are_invalid_state,
     unknown_poll_kind_is_invalid_body,
     poll_cannot_be_created_in_an_ended_session,
     polls_are_listed_in_creation_order_to_any_token,

@@ -30,6 +30,11 @@ async fn stalled_client_is_closed_with_4500_and_the_room_goes_on() {
             write_timeout: Duration::from_secs(60),
             ..EdgeConfig::default()
         },
+        // The burst is made of polls: more than a session may have by default.
+        domain: pollcast_domain::DomainConfig {
+            max_polls_per_session: 1000,
+            ..Default::default()
+        },
         ..Options::default()
     };
     let t = TestServer::start_with(Backend::Sqlite, options).await;

@@ -65,6 +65,10 @@ pub struct DomainConfig {
     pub retention: Duration,
     /// How often the clean-up runs.
     pub cleanup_every: Duration,
+    /// Most polls one session may have (each is in every poll listing).
+    pub max_polls_per_session: u32,
+    /// Most participants one session may have.
+    pub max_participants_per_session: u32,
 }
 
 impl Default for DomainConfig {
@@ -77,6 +81,8 @@ impl Default for DomainConfig {
             vote_batch_idle: Duration::from_secs(10),
             retention: Duration::from_secs(24 * 60 * 60),
             cleanup_every: Duration::from_secs(60),
+            max_polls_per_session: 200,
+            max_participants_per_session: 100_000,
         }
     }
 }

@@ -43,6 +43,13 @@ impl Domain {
         if tx.status()? == SessionStatus::Ended {
             return Err(DomainError::SessionEnded);
         }
+        let cap = self.inner.config.max_participants_per_session;
+        if tx.session.participant_count >= i64::from(cap) {
+            return Err(DomainError::InvalidState(format!(
+                "the session is full: at most {cap} participants"
+            )));
+        }
+        tx.count(session::Column::ParticipantCount).await?;
         let row = participant::ActiveModel {
             id: Set(Uuid::now_v7()),
             session_id: Set(target),

@@ -98,6 +98,13 @@ impl Domain {
         if tx.status()? == SessionStatus::Ended {
             return Err(DomainError::SessionEnded);
         }
+        let cap = self.inner.config.max_polls_per_session;
+        if tx.session.poll_count >= i64::from(cap) {
+            return Err(DomainError::InvalidState(format!(
+                "a session holds at most {cap} polls"
+            )));
+        }
+        tx.count(session::Column::PollCount).await?;
         let options: Vec<PollOption> = new
             .options
             .iter()

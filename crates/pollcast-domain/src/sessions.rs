@@ -63,6 +63,8 @@ impl Domain {
             ended_at: Set(None),
             active_poll_id: Set(None),
             last_position: Set(1),
+            poll_count: Set(0),
+            participant_count: Set(0),
         };
         let txn = self.db().begin().await?;
         let inserted = match row.insert(&txn).await {

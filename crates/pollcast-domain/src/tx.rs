@@ -8,7 +8,7 @@
 
 use pollcast_protocol::{DomainEvent, SessionStatus, Timestamp};
 use pollcast_store::{outbox, session};
-use sea_orm::sea_query::Expr;
+use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, TransactionTrait,
 };
@@ -51,6 +51,16 @@ impl SessionTx {
     /// The session's status.
     pub fn status(&self) -> DomainResult<SessionStatus> {
         crate::convert::parse(&self.session.status)
+    }
+
+    /// Adds one to a counter column of the session row (polls, participants).
+    pub async fn count(&self, column: session::Column) -> DomainResult<()> {
+        session::Entity::update_many()
+            .col_expr(column, Expr::col(column).add(1))
+            .filter(session::Column::Id.eq(self.session.id))
+            .exec(&self.txn)
+            .await?;
+        Ok(())
     }
 
     /// Records an event this change caused; it commits with the change.

@@ -172,6 +172,16 @@ pub struct ServeArgs {
     #[arg(long, env = "POLLCAST_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub header_read_timeout_ms: u64,
+    /// Most polls one session may have (409 `invalid_state` beyond).
+    #[arg(long, env = "POLLCAST_MAX_POLLS_PER_SESSION", default_value_t = 200)]
+    pub max_polls_per_session: u32,
+    /// Most participants one session may have (409 `invalid_state` beyond).
+    #[arg(
+        long,
+        env = "POLLCAST_MAX_PARTICIPANTS_PER_SESSION",
+        default_value_t = 100_000
+    )]
+    pub max_participants_per_session: u32,
     /// Longest pause while a request body arrives, in milliseconds.
     #[arg(long, env = "POLLCAST_BODY_READ_TIMEOUT_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -299,6 +309,8 @@ impl ServeArgs {
                 self.heartbeat_timeout_ms + 2 * self.presence_flush_ms.max(1) + 1000,
             ),
             retention: self.retention,
+            max_polls_per_session: self.max_polls_per_session,
+            max_participants_per_session: self.max_participants_per_session,
             ..DomainConfig::default()
         }
     }

@@ -25,6 +25,10 @@ pub struct Model {
     pub active_poll_id: Option<Uuid>,
     /// Newest stream position assigned to this session's events.
     pub last_position: i64,
+    /// Polls drafted in the session (for the per-session cap).
+    pub poll_count: i64,
+    /// Participants who joined (for the per-session cap).
+    pub participant_count: i64,
 }
 
 /// No relations are navigated through the ORM; joins are explicit queries.
