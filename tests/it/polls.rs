@@ -274,14 +274,7 @@ async fn polls_and_participants_past_the_session_caps_are_invalid_state(backend:
         )
         .await
         .expect_error(409, "invalid_state");
-    let participants = t
-        .api
-        .get(
-            &format!("/api/sessions/{}/participants", p.session_id),
-            Some(&p.token),
-        )
-        .await
-        .expect(200);
+    let participants = t.api.participants(&p).await;
     assert_eq!(participants.as_array().map(Vec::len), Some(2));
 }
 

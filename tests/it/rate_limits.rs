@@ -94,14 +94,7 @@ async fn anonymous_writes_over_the_address_limit_get_429(backend: Backend) {
         )
         .await;
     assert_rate_limited(&refused);
-    let list = t
-        .api
-        .get(
-            &format!("/api/sessions/{}/participants", p.session_id),
-            Some(&p.token),
-        )
-        .await
-        .expect(200);
+    let list = t.api.participants(&p).await;
     assert_eq!(
         list.as_array().map(Vec::len),
         Some(2),

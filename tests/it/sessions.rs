@@ -263,8 +263,7 @@ async fn presenter_lists_participants_in_join_order(backend: Backend) {
     let p = t.api.create_session("Town hall").await;
     let ada = t.api.join(&p.code, "Ada").await;
     let bob = t.api.join(&p.code, "Bob").await;
-    let path = format!("/api/sessions/{}/participants", p.session_id);
-    let list = t.api.get(&path, Some(&p.token)).await.expect(200);
+    let list = t.api.participants(&p).await;
     let ids: Vec<&str> = list
         .as_array()
         .expect("array")

@@ -41,14 +41,7 @@ async fn connect(t: &TestServer, p: &Presenter, token: &str) -> WsClient {
 
 /// Ada as the presenter's participant list shows her.
 async fn ada_in_list(t: &TestServer, p: &Presenter) -> Value {
-    let list = t
-        .api
-        .get(
-            &format!("/api/sessions/{}/participants", p.session_id),
-            Some(&p.token),
-        )
-        .await
-        .expect(200);
+    let list = t.api.participants(p).await;
     list[0].clone()
 }
 

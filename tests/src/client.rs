@@ -236,6 +236,12 @@ impl Api {
         .expect(200)
     }
 
+    /// The session's participants, as its presenter reads them.
+    pub async fn participants(&self, presenter: &Presenter) -> Value {
+        let path = format!("/api/sessions/{}/participants", presenter.session_id);
+        self.get(&path, Some(&presenter.token)).await.expect(200)
+    }
+
     /// A poll's results, which must be readable with `token`.
     pub async fn results(&self, poll_id: &str, token: &str) -> Value {
         self.get(&format!("/api/polls/{poll_id}/results"), Some(token))

@@ -206,6 +206,45 @@ async fn vote_all(
         .await
 }
 
+/// Whether the session's first participant is marked connected.
+async fn first_connected(api: &Api, p: &Presenter) -> bool {
+    api.participants(p).await[0]["connected"] == true
+}
+
+/// Votes pouring in from `voters` participants (eight at a time) while a
+/// presenter listens on the first edge.
+struct Storm {
+    p: Presenter,
+    poll: Value,
+    presenter: Listening,
+    /// Votes answered so far.
+    done: Arc<AtomicUsize>,
+    /// Every vote's status, once all are answered.
+    votes: tokio::task::JoinHandle<Vec<u16>>,
+}
+
+impl Storm {
+    async fn start(d: &Deployment, voters: usize) -> Storm {
+        let (p, poll, tokens) = session_with_voters(&d.api.api, voters).await;
+        let presenter = listen(&d.edges[0], &p, None).await;
+        let done = Arc::new(AtomicUsize::new(0));
+        let votes = tokio::spawn(vote_all(
+            d.api.api.clone(),
+            id_of(&poll),
+            option_id(&poll, 0),
+            tokens,
+            Arc::clone(&done),
+        ));
+        Storm {
+            p,
+            poll,
+            presenter,
+            done,
+            votes,
+        }
+    }
+}
+
 /// Waits (at most 30 s) until `counter` reaches `n`.
 async fn reached(counter: &AtomicUsize, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -294,16 +333,13 @@ async fn nats_killed_mid_storm_and_restarted_loses_nothing_and_keeps_order() {
     let _guard = exclusive().await;
     let mut nats = NatsServer::start();
     let d = Deployment::start(&nats.url(), 1, &[]).await;
-    let (p, poll, tokens) = session_with_voters(&d.api.api, 80).await;
-    let mut presenter = listen(&d.edges[0], &p, None).await;
-    let done = Arc::new(AtomicUsize::new(0));
-    let storm = tokio::spawn(vote_all(
-        d.api.api.clone(),
-        id_of(&poll),
-        option_id(&poll, 0),
-        tokens,
-        Arc::clone(&done),
-    ));
+    let Storm {
+        p,
+        poll,
+        mut presenter,
+        done,
+        votes: storm,
+    } = Storm::start(&d, 80).await;
     reached(&done, 20).await;
     nats.kill();
     // Both roles report the outage; writes go on committing to the outbox.
@@ -379,18 +415,8 @@ async fn an_edge_killed_gets_its_participants_disconnected_within_the_heartbeat_
     )
     .await
     .listen();
-    let connected = |api: Api, p: Presenter| async move {
-        let list = api
-            .get(
-                &format!("/api/sessions/{}/participants", p.session_id),
-                Some(&p.token),
-            )
-            .await
-            .expect(200);
-        list[0]["connected"].as_bool().expect("connected")
-    };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !connected(d.api.api.clone(), p.clone()).await {
+    while !first_connected(&d.api.api, &p).await {
         assert!(Instant::now() < deadline, "never marked connected");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -409,7 +435,7 @@ async fn an_edge_killed_gets_its_participants_disconnected_within_the_heartbeat_
     );
     // Timeout 1 s, plus the api's flush interval twice and a second of slack.
     assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
-    assert!(!connected(d.api.api.clone(), p.clone()).await);
+    assert!(!first_connected(&d.api.api, &p).await);
     drop(participant);
 }
 
@@ -419,16 +445,13 @@ async fn a_three_node_cluster_with_a_leader_change_and_a_node_lost_mid_storm_los
     let mut cluster = NatsCluster::start();
     let urls = cluster.urls().join(",");
     let d = Deployment::start(&urls, 1, &["--stream-replicas", "3"]).await;
-    let (p, poll, tokens) = session_with_voters(&d.api.api, 60).await;
-    let mut presenter = listen(&d.edges[0], &p, None).await;
-    let done = Arc::new(AtomicUsize::new(0));
-    let storm = tokio::spawn(vote_all(
-        d.api.api.clone(),
-        id_of(&poll),
-        option_id(&poll, 0),
-        tokens,
-        Arc::clone(&done),
-    ));
+    let Storm {
+        p,
+        poll,
+        mut presenter,
+        done,
+        votes: storm,
+    } = Storm::start(&d, 60).await;
     reached(&done, 15).await;
     // A leader change for certain (the killed node may not be the leader).
     let nats = async_nats::connect(cluster.urls())
@@ -493,13 +516,8 @@ async fn presence_counts_survive_an_api_restart_and_two_api_nodes_emit_one_disco
     let mut presenter = listen(&d.edges[0], &p, None).await;
     let (first, first_id) = participant_connection(&d.edges[0], &p, &ada.token).await;
     let (second, _) = participant_connection(&d.edges[0], &p, &ada.token).await;
-    let participants = format!("/api/sessions/{}/participants", p.session_id);
-    let connected = |api: Api| {
-        let (participants, token) = (participants.clone(), p.token.clone());
-        async move { api.get(&participants, Some(&token)).await.expect(200)[0]["connected"] == true }
-    };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !connected(d.api.api.clone()).await {
+    while !first_connected(&d.api.api, &p).await {
         assert!(Instant::now() < deadline, "never marked connected");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -522,7 +540,7 @@ async fn presence_counts_survive_an_api_restart_and_two_api_nodes_emit_one_disco
         .await;
     let frames = until(&mut presenter, "poll:created").await;
     assert_eq!(count(&frames, "participant:disconnected"), 0, "{frames:?}");
-    assert!(connected(d.api.api.clone()).await);
+    assert!(first_connected(&d.api.api, &p).await);
 
     // The last one goes: exactly one disconnect, whichever node handled it.
     drop(second);
@@ -541,5 +559,5 @@ async fn presence_counts_survive_an_api_restart_and_two_api_nodes_emit_one_disco
         0,
         "a second disconnect: {after:?}"
     );
-    assert!(!connected(d.api.api.clone()).await);
+    assert!(!first_connected(&d.api.api, &p).await);
 }
