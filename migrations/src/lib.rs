@@ -8,6 +8,7 @@ mod m20261126_000001_initial;
 mod m20261127_000001_connections;
 mod m20261127_000002_retention;
 mod m20261127_000003_session_counts;
+mod m20261127_000004_participant_order;
 
 /// Runs pollcast's migrations in order.
 pub struct Migrator;
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000001_connections::Migration),
             Box::new(m20261127_000002_retention::Migration),
             Box::new(m20261127_000003_session_counts::Migration),
+            Box::new(m20261127_000004_participant_order::Migration),
         ]
     }
 }

@@ -275,6 +275,87 @@ async fn presenter_lists_participants_in_join_order(backend: Backend) {
     assert!(list[0]["lastSeenAt"].is_string());
 }
 
+/// The `rel="next"` target of a reply's `Link` header, if it has one.
+fn next_link(reply: &pollcast_tests::client::Reply) -> Option<String> {
+    let link = reply.headers.get("link")?.to_str().ok()?;
+    let target = link.strip_prefix('<')?.split_once(">; rel=\"next\"")?.0;
+    Some(target.to_owned())
+}
+
+async fn participants_and_polls_page_by_keyset_with_a_next_link(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    let p = t.api.started_session().await;
+    let mut joined = Vec::new();
+    for i in 0..7 {
+        joined.push(t.api.join(&p.code, &format!("P{i}")).await.id);
+    }
+    let token = Some(p.token.as_str());
+    let first = format!("/api/sessions/{}/participants?limit=3", p.session_id);
+    let mut seen = Vec::new();
+    let mut next = Some(first);
+    let mut pages = 0;
+    while let Some(path) = next.take() {
+        let reply = t.api.get(&path, token).await;
+        next = next_link(&reply);
+        let page = reply.expect(200);
+        let page = page.as_array().expect("a page is the contract's array");
+        assert!(page.len() <= 3, "{path}: {} items", page.len());
+        seen.extend(
+            page.iter()
+                .map(|x| x["id"].as_str().expect("id").to_owned()),
+        );
+        pages += 1;
+        if pages == 1 {
+            // A join between two pages lands on a later page, neither skipped
+            // nor repeated (an offset would do one or the other).
+            joined.push(t.api.join(&p.code, "Late").await.id);
+        }
+        assert!(pages <= 4, "paging does not end");
+    }
+    assert_eq!(seen, joined, "8 participants in 3 pages, in join order");
+    assert_eq!(pages, 3);
+
+    // Unpaged, the whole list, as the contract answers it.
+    let all = t.api.participants(&p).await;
+    assert_eq!(all.as_array().expect("array").len(), 8);
+
+    // Polls page the same way.
+    for i in 0..3 {
+        t.api
+            .create_poll(
+                &p,
+                json!({ "question": format!("Q{i}"), "options": ["a", "b"] }),
+            )
+            .await;
+    }
+    let path = format!("/api/sessions/{}/polls?limit=2", p.session_id);
+    let reply = t.api.get(&path, token).await;
+    let next = next_link(&reply).expect("a second page of polls");
+    assert_eq!(reply.expect(200).as_array().expect("array").len(), 2);
+    let reply = t.api.get(&next, token).await;
+    assert_eq!(next_link(&reply), None, "the last page links nowhere");
+    let last = reply.expect(200);
+    assert_eq!(last.as_array().expect("array").len(), 1);
+    assert_eq!(last[0]["question"], "Q2");
+
+    // A bad limit, or a cursor that is not an item of this list, is refused.
+    let other = t.api.create_session("Other").await;
+    let stranger = t.api.join(&other.code, "Stranger").await;
+    for query in [
+        "limit=0".to_owned(),
+        "limit=1001".to_owned(),
+        "limit=x".to_owned(),
+        "after=not-a-uuid".to_owned(),
+        format!("after={}", stranger.id),
+    ] {
+        let path = format!("/api/sessions/{}/participants?{query}", p.session_id);
+        t.api
+            .get(&path, token)
+            .await
+            .expect_error(422, "validation_failed");
+    }
+}
+
 async fn live_join_codes_are_unique_and_ended_sessions_release_theirs(backend: Backend) {
     use pollcast_store::sea_orm::{ConnectionTrait, Database};
     let t = TestServer::start(backend).await;
@@ -343,6 +424,7 @@ pollcast_tests::on_both_backends!(
     join_of_ended_session_is_session_ended,
     display_name_must_be_1_to_64_characters,
     presenter_lists_participants_in_join_order,
+    participants_and_polls_page_by_keyset_with_a_next_link,
     live_join_codes_are_unique_and_ended_sessions_release_theirs,
     unknown_route_is_not_found,
 );

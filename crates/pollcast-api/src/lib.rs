@@ -12,6 +12,7 @@ use pollcast_domain::Domain;
 pub mod auth;
 pub mod body;
 pub mod error;
+pub mod page;
 pub mod rate_limit;
 pub mod routes;
 

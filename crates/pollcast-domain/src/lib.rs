@@ -19,6 +19,7 @@ mod access;
 pub mod code;
 mod convert;
 pub mod error;
+pub mod page;
 mod participants;
 mod polls;
 pub mod presence;
@@ -33,6 +34,7 @@ mod votes;
 
 pub use access::Access;
 pub use error::{DomainError, DomainResult, VoteRejection};
+pub use page::{Page, PageRequest};
 pub use participants::Joined;
 pub use pollcast_protocol::token::{Claims, TokenError, TokenKeys};
 pub use polls::{NewPoll, NewPollOption};

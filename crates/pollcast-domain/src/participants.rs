@@ -3,12 +3,15 @@
 use pollcast_protocol::{DomainEvent, Participant, Role, Session, SessionStatus};
 use pollcast_store::{participant, session};
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder,
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect,
 };
 use uuid::Uuid;
 
 use crate::tx::SessionTx;
-use crate::{Access, Claims, Domain, DomainError, DomainResult, code, convert, validate};
+use crate::{
+    Access, Claims, Domain, DomainError, DomainResult, Page, PageRequest, code, convert, validate,
+};
 
 /// A participant who just joined, their token and the session joined.
 #[derive(Clone, Debug)]
@@ -77,19 +80,40 @@ impl Domain {
         })
     }
 
-    /// Everyone who joined the session, in join order; presenters only.
+    /// Who joined the session, in join order; presenters only. A page continues
+    /// after the participant `page.after` names, which must be of this session.
     pub async fn participants(
         &self,
         claims: &Claims,
         session_id: Uuid,
-    ) -> DomainResult<Vec<Participant>> {
+        page: PageRequest,
+    ) -> DomainResult<Page<Participant>> {
         claims.require_presenter(session_id)?;
-        let rows = participant::Entity::find()
+        let mut query = participant::Entity::find()
             .filter(participant::Column::SessionId.eq(session_id))
             .order_by_asc(participant::Column::JoinedAt)
-            .order_by_asc(participant::Column::Id)
-            .all(self.db())
-            .await?;
-        Ok(rows.iter().map(convert::participant).collect())
+            .order_by_asc(participant::Column::Id);
+        if let Some(after) = page.after {
+            let cursor = participant::Entity::find_by_id(after)
+                .filter(participant::Column::SessionId.eq(session_id))
+                .one(self.db())
+                .await?
+                .ok_or_else(|| {
+                    DomainError::ValidationFailed(
+                        "after: names no participant of this session".into(),
+                    )
+                })?;
+            query = query.filter(
+                Condition::any()
+                    .add(participant::Column::JoinedAt.gt(cursor.joined_at))
+                    .add(
+                        Condition::all()
+                            .add(participant::Column::JoinedAt.eq(cursor.joined_at))
+                            .add(participant::Column::Id.gt(cursor.id)),
+                    ),
+            );
+        }
+        let rows = query.limit(page.rows_to_read()).all(self.db()).await?;
+        Ok(page.cut(rows.iter().map(convert::participant).collect()))
     }
 }

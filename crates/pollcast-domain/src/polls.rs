@@ -4,13 +4,16 @@
 use pollcast_protocol::{DomainEvent, Poll, PollKind, PollOption, PollStatus, SessionStatus};
 use pollcast_store::{poll, session};
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder,
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect,
 };
 use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::tx::SessionTx;
-use crate::{Access, Claims, Domain, DomainError, DomainResult, convert, validate};
+use crate::{
+    Access, Claims, Domain, DomainError, DomainResult, Page, PageRequest, convert, validate,
+};
 
 /// A poll as the presenter asks for it.
 #[derive(Clone, Debug, Deserialize)]
@@ -133,8 +136,14 @@ impl Domain {
         Ok(poll)
     }
 
-    /// The session's polls in creation order.
-    pub async fn polls(&self, claims: &Claims, session_id: Uuid) -> DomainResult<Vec<Poll>> {
+    /// The session's polls in creation order, for any token of the session. A page
+    /// continues after the poll `page.after` names, which must be of this session.
+    pub async fn polls(
+        &self,
+        claims: &Claims,
+        session_id: Uuid,
+        page: PageRequest,
+    ) -> DomainResult<Page<Poll>> {
         claims.require_session(session_id)?;
         if session::Entity::find_by_id(session_id)
             .one(self.db())
@@ -143,13 +152,34 @@ impl Domain {
         {
             return Err(DomainError::SessionNotFound);
         }
-        let rows = poll::Entity::find()
+        let mut query = poll::Entity::find()
             .filter(poll::Column::SessionId.eq(session_id))
             .order_by_asc(poll::Column::CreatedAt)
-            .order_by_asc(poll::Column::Id)
-            .all(self.db())
-            .await?;
-        rows.iter().map(convert::poll).collect()
+            .order_by_asc(poll::Column::Id);
+        if let Some(after) = page.after {
+            let cursor = poll::Entity::find_by_id(after)
+                .filter(poll::Column::SessionId.eq(session_id))
+                .one(self.db())
+                .await?
+                .ok_or_else(|| {
+                    DomainError::ValidationFailed("after: names no poll of this session".into())
+                })?;
+            query = query.filter(
+                Condition::any()
+                    .add(poll::Column::CreatedAt.gt(cursor.created_at))
+                    .add(
+                        Condition::all()
+                            .add(poll::Column::CreatedAt.eq(cursor.created_at))
+                            .add(poll::Column::Id.gt(cursor.id)),
+                    ),
+            );
+        }
+        let rows = query.limit(page.rows_to_read()).all(self.db()).await?;
+        let polls = rows
+            .iter()
+            .map(convert::poll)
+            .collect::<DomainResult<_>>()?;
+        Ok(page.cut(polls))
     }
 
     /// One poll, for any token of its session.

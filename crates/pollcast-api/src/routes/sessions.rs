@@ -12,6 +12,7 @@ use super::session_id;
 use crate::auth::{Bearer, OptionalBearer};
 use crate::body::JsonBody;
 use crate::error::ApiResult;
+use crate::page::{PageQuery, Paged};
 
 /// Routes of this resource.
 pub fn router() -> Router<Domain> {
@@ -81,8 +82,14 @@ async fn participants(
     State(domain): State<Domain>,
     Path(id): Path<String>,
     Bearer(claims): Bearer,
-) -> ApiResult<Json<Vec<Participant>>> {
-    Ok(Json(domain.participants(&claims, session_id(&id)?).await?))
+    PageQuery(request): PageQuery,
+) -> ApiResult<Paged<Participant>> {
+    let session = session_id(&id)?;
+    Ok(Paged {
+        page: domain.participants(&claims, session, request).await?,
+        request,
+        path: format!("/api/sessions/{session}/participants"),
+    })
 }
 
 async fn create_poll(
@@ -99,6 +106,12 @@ async fn polls(
     State(domain): State<Domain>,
     Path(id): Path<String>,
     Bearer(claims): Bearer,
-) -> ApiResult<Json<Vec<Poll>>> {
-    Ok(Json(domain.polls(&claims, session_id(&id)?).await?))
+    PageQuery(request): PageQuery,
+) -> ApiResult<Paged<Poll>> {
+    let session = session_id(&id)?;
+    Ok(Paged {
+        page: domain.polls(&claims, session, request).await?,
+        request,
+        path: format!("/api/sessions/{session}/polls"),
+    })
 }
