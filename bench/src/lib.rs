@@ -48,6 +48,7 @@ impl BenchServer {
                 },
                 single_node: true,
                 rate_limits: RateLimitConfig::OFF,
+                cors_origins: Vec::new(),
             }),
             edge: Some(EdgeConfig::default()),
             metrics: None,

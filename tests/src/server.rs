@@ -113,6 +113,7 @@ impl TestServer {
                 store: pollcast_store::StoreOptions::default(),
                 domain: options.domain,
                 rate_limits: options.rate_limits,
+                cors_origins: Vec::new(),
                 single_node: true,
             }),
             edge: Some(options.edge),

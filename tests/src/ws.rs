@@ -66,13 +66,34 @@ impl WsClient {
         query: &str,
         recv_buffer: Option<u32>,
     ) -> WsClient {
+        Self::open(addr, query, recv_buffer, None).await
+    }
+
+    /// Connects as a browser page on `origin` would (with an `Origin` header).
+    pub async fn connect_from(addr: std::net::SocketAddr, query: &str, origin: &str) -> WsClient {
+        Self::open(addr, query, None, Some(origin)).await
+    }
+
+    async fn open(
+        addr: std::net::SocketAddr,
+        query: &str,
+        recv_buffer: Option<u32>,
+        origin: Option<&str>,
+    ) -> WsClient {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let socket = TcpSocket::new_v4().expect("socket");
         if let Some(size) = recv_buffer {
             socket.set_recv_buffer_size(size).expect("SO_RCVBUF");
         }
         let tcp = socket.connect(addr).await.expect("tcp connect");
-        let url = format!("ws://{addr}/ws?{query}");
-        let (socket, _) = tokio_tungstenite::client_async(url, tcp)
+        let mut request = format!("ws://{addr}/ws?{query}")
+            .into_client_request()
+            .expect("request");
+        if let Some(origin) = origin {
+            let value = origin.parse().expect("origin header value");
+            request.headers_mut().insert("origin", value);
+        }
+        let (socket, _) = tokio_tungstenite::client_async(request, tcp)
             .await
             .expect("websocket handshake");
         let format = if query.contains("format=msgpack") {

@@ -8,9 +8,11 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use pollcast_domain::Domain;
+use pollcast_protocol::Origin;
 
 pub mod auth;
 pub mod body;
+pub mod cors;
 pub mod error;
 pub mod page;
 pub mod rate_limit;
@@ -30,9 +32,16 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 ///
 /// `body_timeout` bounds the time between two pieces of a request body: a client
 /// that stalls mid-body is answered `400 invalid_body` and its connection closed.
-pub fn router(domain: Domain, rate_limits: RateLimitConfig, body_timeout: Duration) -> Router {
+/// `cors_origins` are the browser origins allowed to call the API from other
+/// sites (none: no CORS).
+pub fn router(
+    domain: Domain,
+    rate_limits: RateLimitConfig,
+    body_timeout: Duration,
+    cors_origins: &[Origin],
+) -> Router {
     let limits = rate_limit::RateLimits::new(domain.clone(), rate_limits);
-    Router::new()
+    let router = Router::new()
         .merge(routes::sessions::router())
         .merge(routes::participants::router())
         .merge(routes::polls::router())
@@ -45,8 +54,14 @@ pub fn router(domain: Domain, rate_limits: RateLimitConfig, body_timeout: Durati
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
             body_timeout,
         ))
-        .layer(middleware::from_fn(record_latency))
-        .with_state(domain)
+        .layer(middleware::from_fn(record_latency));
+    // Outermost, so a preflight is answered before rate limits see it, and every
+    // answer, errors included, carries the CORS headers a browser needs to read it.
+    let router = match cors::layer(cors_origins) {
+        Some(cors) => router.layer(cors),
+        None => router,
+    };
+    router.with_state(domain)
 }
 
 /// Records every request's latency by route template (never by raw path, which

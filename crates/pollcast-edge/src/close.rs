@@ -10,8 +10,9 @@ pub enum CloseReason {
     BadRequest(String),
     /// Token missing, forged or expired.
     Unauthorized(String),
-    /// The token belongs to another session.
-    Forbidden,
+    /// The token belongs to another session, or the page's `Origin` is not on the
+    /// allow-list.
+    Forbidden(String),
     /// No such session.
     SessionNotFound,
     /// No `heartbeat:pong` within the timeout.
@@ -42,7 +43,7 @@ impl CloseReason {
         match self {
             CloseReason::BadRequest(_) => 4400,
             CloseReason::Unauthorized(_) => 4401,
-            CloseReason::Forbidden => 4403,
+            CloseReason::Forbidden(_) => 4403,
             CloseReason::SessionNotFound => 4404,
             CloseReason::HeartbeatTimeout => 4408,
             CloseReason::TooManyConnections => 4429,
@@ -60,7 +61,7 @@ impl CloseReason {
         match self {
             CloseReason::BadRequest(_) => "bad_request",
             CloseReason::Unauthorized(_) => "unauthorized",
-            CloseReason::Forbidden => "forbidden",
+            CloseReason::Forbidden(_) => "forbidden",
             CloseReason::SessionNotFound => "session_not_found",
             CloseReason::HeartbeatTimeout => "heartbeat_timeout",
             CloseReason::TooManyConnections => "too_many_connections",
@@ -78,9 +79,9 @@ impl CloseReason {
         match self {
             CloseReason::BadRequest(why)
             | CloseReason::Unauthorized(why)
+            | CloseReason::Forbidden(why)
             | CloseReason::ProtocolError(why)
             | CloseReason::InvalidPayload(why) => why.clone(),
-            CloseReason::Forbidden => "token belongs to another session".into(),
             CloseReason::SessionNotFound => "no such session".into(),
             CloseReason::HeartbeatTimeout => "no heartbeat:pong in time".into(),
             CloseReason::TooManyConnections => "connection limit reached".into(),
@@ -109,7 +110,7 @@ mod tests {
         let all = [
             CloseReason::BadRequest("x".into()),
             CloseReason::Unauthorized("x".into()),
-            CloseReason::Forbidden,
+            CloseReason::Forbidden("x".into()),
             CloseReason::SessionNotFound,
             CloseReason::HeartbeatTimeout,
             CloseReason::TooManyConnections,

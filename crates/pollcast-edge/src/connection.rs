@@ -38,8 +38,9 @@ const REPLAY_PATIENCE: Duration = Duration::from_secs(3);
 /// How long to wait for the client's close frame after sending ours.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
-/// Serves one upgraded connection until it ends.
-pub(crate) async fn serve<S>(edge: Edge, ws: WebSocket<S>, query: String)
+/// Serves one upgraded connection until it ends. `origin` is the request's
+/// `Origin` header, which browsers always send and other clients usually do not.
+pub(crate) async fn serve<S>(edge: Edge, ws: WebSocket<S>, query: String, origin: Option<String>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -52,7 +53,7 @@ where
         session_id: Uuid::nil(),
         timeout: edge.inner.config.write_timeout,
     };
-    match admit(&edge, &query).await {
+    match admit(&edge, &query, origin.as_deref()).await {
         Err((session_id, refusal)) => {
             out.session_id = session_id;
             metrics::counter!("pollcast_edge_refused_total", "code" => refusal.code()).increment(1);
@@ -76,7 +77,20 @@ where
 async fn admit<'e>(
     edge: &'e Edge,
     query: &str,
+    origin: Option<&str>,
 ) -> Result<(ConnectRequest, Claims, Admission<'e>), (Uuid, CloseReason)> {
+    // First, so a page on a foreign site learns nothing about the tokens it tries.
+    // No `Origin` means no browser, and a non-browser client can send any origin
+    // it likes: the list guards users' browsers, not the server.
+    let allowed = &edge.inner.config.allowed_origins;
+    if let Some(origin) = origin.filter(|_| !allowed.is_empty())
+        && !pollcast_protocol::origin::is_allowed(allowed, origin)
+    {
+        return Err((
+            Uuid::nil(),
+            CloseReason::Forbidden(format!("origin {origin:?} may not connect")),
+        ));
+    }
     let request =
         query::parse(query).map_err(|bad| (Uuid::nil(), CloseReason::BadRequest(bad.0)))?;
     let session = request.session_id;
@@ -86,7 +100,10 @@ async fn admit<'e>(
         .verify(&request.token)
         .map_err(|err| (session, CloseReason::Unauthorized(err.to_string())))?;
     if claims.session_id != session {
-        return Err((session, CloseReason::Forbidden));
+        return Err((
+            session,
+            CloseReason::Forbidden("token belongs to another session".into()),
+        ));
     }
     match session_known(edge, session).await {
         Ok(true) => {}

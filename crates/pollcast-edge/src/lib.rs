@@ -17,10 +17,11 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{RawQuery, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use fastwebsockets::upgrade::IncomingUpgrade;
+use pollcast_protocol::Origin;
 use pollcast_protocol::token::TokenKeys;
 use pollcast_stream::EventStream;
 use tokio::sync::watch;
@@ -62,6 +63,9 @@ pub struct EdgeConfig {
     /// [`EdgeConfig::send_queue_bytes`] the limit that decides who is slow.
     /// `None` leaves the kernel's autotuning alone.
     pub socket_send_buffer: Option<usize>,
+    /// Browser origins whose pages may connect (others get 4403). Empty: any
+    /// origin, and clients that send none.
+    pub allowed_origins: Vec<Origin>,
 }
 
 impl Default for EdgeConfig {
@@ -76,6 +80,7 @@ impl Default for EdgeConfig {
             shutdown_grace: Duration::from_secs(10),
             session_wait: Duration::from_secs(2),
             socket_send_buffer: Some(256 * 1024),
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -149,6 +154,7 @@ impl Edge {
 async fn upgrade(
     State(edge): State<Edge>,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
     upgrade: Result<IncomingUpgrade, StatusCode>,
 ) -> Response {
     let Ok(upgrade) = upgrade else {
@@ -161,9 +167,12 @@ async fn upgrade(
             return (StatusCode::BAD_REQUEST, "bad WebSocket upgrade").into_response();
         }
     };
+    let origin = headers
+        .get(header::ORIGIN)
+        .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned());
     tokio::spawn(async move {
         match socket.await {
-            Ok(ws) => connection::serve(edge, ws, query.unwrap_or_default()).await,
+            Ok(ws) => connection::serve(edge, ws, query.unwrap_or_default(), origin).await,
             Err(err) => tracing::debug!(error = %err, "upgrade did not complete"),
         }
     });

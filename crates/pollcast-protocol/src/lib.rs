@@ -9,6 +9,7 @@ pub mod envelope;
 pub mod error;
 pub mod event;
 pub mod event_id;
+pub mod origin;
 pub mod resources;
 pub mod time;
 pub mod token;
@@ -19,6 +20,7 @@ pub use envelope::Envelope;
 pub use error::{ErrorBody, ErrorDetail};
 pub use event::{Audience, DomainEvent, SessionEvent};
 pub use event_id::EventId;
+pub use origin::Origin;
 pub use resources::{
     OptionResult, Participant, Poll, PollKind, PollOption, PollStatus, Results, Role, Session,
     SessionStatus, Vote,

@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use pollcast_api::RateLimitConfig;
 use pollcast_domain::DomainConfig;
 use pollcast_edge::EdgeConfig;
+use pollcast_protocol::Origin;
 use pollcast_stream::{NatsConfig, Retention, StreamConfig};
 
 /// pollcast: the real-time backbone of live audience sessions.
@@ -222,6 +223,15 @@ pub struct ServeArgs {
     /// rate limits: your load balancers. Empty: the header is ignored.
     #[arg(long, env = "POLLCAST_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Browser origins (`https://app.example.com`, comma-separated) whose pages may
+    /// call the REST API from another site (CORS). Empty: no CORS headers, so
+    /// browsers allow only same-origin pages.
+    #[arg(long, env = "POLLCAST_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<Origin>,
+    /// Browser origins whose pages may open `/ws` (4403 for others). Empty: any
+    /// page. Clients that send no `Origin` (not browsers) are always let in.
+    #[arg(long, env = "POLLCAST_WS_ORIGINS", value_delimiter = ',')]
+    pub ws_origins: Vec<Origin>,
     /// Writes without a token one IP may make at once.
     #[arg(long, env = "POLLCAST_ANONYMOUS_BURST", default_value_t = RateLimitConfig::default().anonymous_burst)]
     pub anonymous_burst: u32,
@@ -343,6 +353,7 @@ impl ServeArgs {
             max_connections: self.max_connections,
             max_connections_per_participant: self.max_connections_per_participant,
             send_queue_bytes: self.send_queue_bytes,
+            allowed_origins: self.ws_origins.clone(),
             ..EdgeConfig::default()
         }
     }

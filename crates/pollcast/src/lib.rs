@@ -19,6 +19,7 @@ use pollcast_api::RateLimitConfig;
 use pollcast_api::health::Readiness;
 use pollcast_domain::{Domain, DomainConfig, TokenKeys};
 use pollcast_edge::{Edge, EdgeConfig};
+use pollcast_protocol::Origin;
 use pollcast_stream::{EventStream, Retention};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -56,6 +57,9 @@ pub struct ApiSettings {
     pub domain: DomainConfig,
     /// Limits on writes (429).
     pub rate_limits: RateLimitConfig,
+    /// Browser origins allowed to call the API from other sites (CORS); empty:
+    /// none.
+    pub cors_origins: Vec<Origin>,
     /// This process is the whole deployment (the embedded stream): at start-up it
     /// republishes the retained history from the outbox (the embedded log does not
     /// survive restarts) and forgets every connection (none can exist yet). Never
@@ -67,6 +71,7 @@ pub struct ApiSettings {
 struct ApiPart {
     domain: Domain,
     rate_limits: RateLimitConfig,
+    cors_origins: Vec<Origin>,
     relay: JoinHandle<()>,
     presence: JoinHandle<()>,
     /// Republishes tallies a crash left stale.
@@ -115,6 +120,7 @@ impl ApiPart {
         Ok(ApiPart {
             domain,
             rate_limits: settings.rate_limits,
+            cors_origins: settings.cors_origins,
             relay,
             presence,
             audit,
@@ -183,6 +189,7 @@ impl Server {
                 api.domain.clone(),
                 api.rate_limits.clone(),
                 settings.http.body_read,
+                &api.cors_origins,
             ));
         }
         if let Some(edge) = &edge {

@@ -41,6 +41,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             store: args.store.options(),
             domain: args.domain_config(),
             rate_limits: args.rate_limits(),
+            cors_origins: args.cors_origins.clone(),
             single_node: stream_config.is_embedded(),
         }),
     };

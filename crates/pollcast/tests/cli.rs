@@ -298,3 +298,164 @@ async fn a_body_that_stalls_is_refused_after_the_body_timeout() {
     assert!(text.contains("invalid_body"), "{text}");
     assert!(started.elapsed() >= std::time::Duration::from_millis(250));
 }
+
+/// With `--cors-origins`, a browser app on an allowed origin gets its preflight
+/// answered and may read every answer (errors and the paging `Link` included);
+/// other origins get no CORS headers, so their browsers withhold the answer. With
+/// `--ws-origins`, a page on another origin is refused with 4403 before its token
+/// is looked at, while clients that send no `Origin` are let in.
+#[tokio::test]
+async fn browser_origins_are_checked_against_the_allow_lists() {
+    use pollcast_tests::ws::{WsClient, query};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data_dir = dir.path().display().to_string();
+    let app = "https://app.example.com";
+    let server = Pollcast::serve(
+        BIN,
+        &[
+            "--data-dir",
+            &data_dir,
+            "--cors-origins",
+            "https://APP.example.com:443,http://localhost:5173",
+            "--ws-origins",
+            app,
+        ],
+        &[],
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", server.addr);
+
+    let preflight = http
+        .request(reqwest::Method::OPTIONS, format!("{base}/api/sessions"))
+        .header("origin", app)
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "content-type,authorization",
+        )
+        .send()
+        .await
+        .expect("preflight");
+    assert!(preflight.status().is_success(), "{}", preflight.status());
+    let headers = preflight.headers();
+    assert_eq!(headers["access-control-allow-origin"], app);
+    let methods = headers["access-control-allow-methods"]
+        .to_str()
+        .expect("ascii");
+    assert!(methods.contains("POST"), "{methods}");
+    let allowed = headers["access-control-allow-headers"]
+        .to_str()
+        .expect("ascii")
+        .to_ascii_lowercase();
+    assert!(allowed.contains("authorization") && allowed.contains("idempotency-key"));
+
+    let created = http
+        .post(format!("{base}/api/sessions"))
+        .header("origin", app)
+        .json(&json!({ "title": "Browser" }))
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(created.headers()["access-control-allow-origin"], app);
+    let exposed = created.headers()["access-control-expose-headers"]
+        .to_str()
+        .expect("ascii")
+        .to_ascii_lowercase();
+    assert!(
+        exposed.contains("link") && exposed.contains("retry-after"),
+        "{exposed}"
+    );
+    let created: Value = created.json().await.expect("json");
+    let session = created["session"]["id"].as_str().expect("id").to_owned();
+    let token = created["presenterToken"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+
+    // Errors carry the header too, or a browser app could not read its 422.
+    let refused = http
+        .post(format!("{base}/api/sessions"))
+        .header("origin", app)
+        .json(&json!({ "title": "" }))
+        .send()
+        .await
+        .expect("invalid create");
+    assert_eq!(refused.status().as_u16(), 422);
+    assert_eq!(refused.headers()["access-control-allow-origin"], app);
+
+    for stranger in ["https://evil.example.com", "http://app.example.com", "null"] {
+        let reply = http
+            .get(format!("{base}/api/sessions/{session}"))
+            .bearer_auth(&token)
+            .header("origin", stranger)
+            .send()
+            .await
+            .expect("read");
+        assert!(
+            !reply.headers().contains_key("access-control-allow-origin"),
+            "{stranger} was allowed"
+        );
+    }
+
+    let q = query(&session, &token, None, pollcast_tests::ws::Format::Json);
+    let mut page = WsClient::connect_from(server.addr, &q, app).await;
+    page.expect("connection:established").await;
+    let mut native = WsClient::connect(server.addr, &q).await;
+    native.expect("connection:established").await;
+    let mut foreign = WsClient::connect_from(server.addr, &q, "https://evil.example.com").await;
+    foreign.expect_refusal("forbidden", 4403).await;
+    // Before the token: a forged one is refused for its origin, not with 4401.
+    let forged = query(&session, "forged", None, pollcast_tests::ws::Format::Json);
+    let mut foreign =
+        WsClient::connect_from(server.addr, &forged, "https://evil.example.com").await;
+    foreign.expect_refusal("forbidden", 4403).await;
+}
+
+/// Without the flags, no CORS headers are sent and every origin may open `/ws`.
+#[tokio::test]
+async fn without_allow_lists_there_is_no_cors_and_any_origin_connects() {
+    use pollcast_tests::ws::{WsClient, query};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data_dir = dir.path().display().to_string();
+    let server = Pollcast::serve(BIN, &["--data-dir", &data_dir], &[]).await;
+    let http = reqwest::Client::new();
+    let created = http
+        .post(format!("http://{}/api/sessions", server.addr))
+        .header("origin", "https://app.example.com")
+        .json(&json!({ "title": "No CORS" }))
+        .send()
+        .await
+        .expect("create");
+    assert!(
+        !created
+            .headers()
+            .contains_key("access-control-allow-origin")
+    );
+    let created: Value = created.json().await.expect("json");
+    let session = created["session"]["id"].as_str().expect("id");
+    let token = created["presenterToken"].as_str().expect("token");
+    let q = query(session, token, None, pollcast_tests::ws::Format::Json);
+    let mut page = WsClient::connect_from(server.addr, &q, "https://anywhere.example").await;
+    page.expect("connection:established").await;
+}
+
+/// Origins in the flags are checked at start, with the flag's name in the error.
+#[test]
+fn a_malformed_origin_is_refused_at_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data_dir = dir.path().display().to_string();
+    let (status, output) = run(
+        BIN,
+        &[
+            "serve",
+            "--data-dir",
+            &data_dir,
+            "--ws-origins",
+            "app.example.com",
+        ],
+    );
+    assert!(!status.success());
+    assert!(output.contains("--ws-origins"), "{output}");
+    assert!(output.contains("not an origin"), "{output}");
+}
