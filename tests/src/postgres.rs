@@ -19,9 +19,12 @@ use std::time::{Duration, Instant};
 
 use pollcast_store::sea_orm::{ConnectionTrait, Database};
 
-/// The running cluster.
+/// The running cluster. It accepts TLS as well as plain connections, with a
+/// server certificate for `localhost` and `127.0.0.1` signed by a CA of its own
+/// ([`Cluster::ca_certificate`]).
 pub struct Cluster {
     port: u16,
+    ca: PathBuf,
     /// Holds the pipe whose closing stops the server; never read.
     _keeper: Mutex<Child>,
 }
@@ -63,6 +66,12 @@ impl Cluster {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
+    /// The CA certificate (PEM) that signed the server's certificate, for
+    /// `sslrootcert=` in a `verify-full` URL.
+    pub fn ca_certificate(&self) -> &Path {
+        &self.ca
+    }
+
     fn start() -> anyhow::Result<Cluster> {
         let bin = bindir()?;
         let root = is_root();
@@ -87,10 +96,12 @@ impl Cluster {
             ])
             .arg(&data))?;
         let port = free_port()?;
+        let ca = certificates(&dir, root)?;
         // fsync and friends off: the cluster lives for one test run.
         let script = r#"
             "$0" -D "$1" -p "$2" -k "$3" -c listen_addresses=127.0.0.1 -c fsync=off \
                 -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 \
+                -c ssl=on -c ssl_cert_file="$3/server.crt" -c ssl_key_file="$3/server.key" \
                 >"$3/postgres.log" 2>&1 &
             pid=$!
             read _ignored
@@ -111,6 +122,7 @@ impl Cluster {
             .spawn()?;
         let cluster = Cluster {
             port,
+            ca,
             _keeper: Mutex::new(keeper),
         };
         cluster.wait_ready(&dir)?;
@@ -128,6 +140,63 @@ impl Cluster {
         let log = std::fs::read_to_string(dir.join("postgres.log")).unwrap_or_default();
         anyhow::bail!("postgres did not listen within 30 s; log:\n{log}")
     }
+}
+
+/// A CA and a server certificate it signed for `localhost` and `127.0.0.1`, made
+/// with the `openssl` tool (Debian's PostgreSQL packages depend on it). Returns
+/// the CA certificate's path.
+fn certificates(dir: &Path, root: bool) -> anyhow::Result<PathBuf> {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=pollcast test CA",
+        ])
+        .args(ec)
+        .arg("-keyout")
+        .arg(dir.join("ca.key"))
+        .arg("-out")
+        .arg(dir.join("ca.crt")))?;
+    run(Command::new("openssl")
+        .args(["req", "-subj", "/CN=localhost"])
+        .args(ec)
+        .arg("-keyout")
+        .arg(dir.join("server.key"))
+        .arg("-out")
+        .arg(dir.join("server.csr")))?;
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )?;
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
+        .arg("-in")
+        .arg(dir.join("server.csr"))
+        .arg("-CA")
+        .arg(dir.join("ca.crt"))
+        .arg("-CAkey")
+        .arg(dir.join("ca.key"))
+        .arg("-extfile")
+        .arg(dir.join("san.ext"))
+        .arg("-out")
+        .arg(dir.join("server.crt")))?;
+    // PostgreSQL refuses a key others may read.
+    let key = dir.join("server.key");
+    if root {
+        run(Command::new("chown").arg("postgres:").arg(&key))?;
+    }
+    run(Command::new("chmod").arg("600").arg(&key))?;
+    Ok(dir.join("ca.crt"))
 }
 
 fn is_root() -> bool {

@@ -459,3 +459,64 @@ fn a_malformed_origin_is_refused_at_start() {
     assert!(output.contains("--ws-origins"), "{output}");
     assert!(output.contains("not an origin"), "{output}");
 }
+
+/// A database URL that asks for TLS gets it: `sslmode=require` encrypts every
+/// connection of the pool, `verify-full` with the server's CA in `sslrootcert`
+/// works, and `verify-full` against a CA the binary does not trust is refused at
+/// start with the reason, instead of falling back to plain TCP.
+#[tokio::test]
+async fn postgres_urls_asking_for_tls_get_it() {
+    use pollcast_store::sea_orm::{ConnectionTrait, Database, Statement};
+    let cluster = pollcast_tests::postgres::Cluster::shared();
+    let plain = cluster.fresh_database().await;
+    let (server_url, database) = plain.rsplit_once('/').expect("url with a database");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data_dir = dir.path().display().to_string();
+
+    let required = format!("{plain}?sslmode=require");
+    let mut server = Pollcast::serve(
+        BIN,
+        &["--data-dir", &data_dir, "--database-url", &required],
+        &[],
+    )
+    .await;
+    let p = server.api.started_session().await;
+    server.api.join(&p.code, "Ada").await;
+
+    let admin = Database::connect(format!("{server_url}/postgres?sslmode=disable"))
+        .await
+        .expect("admin connection");
+    let row = admin
+        .query_one_raw(Statement::from_string(
+            admin.get_database_backend(),
+            format!(
+                "SELECT count(*) AS n, bool_and(s.ssl) AS all_tls \
+                 FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+                 WHERE a.datname = '{database}'"
+            ),
+        ))
+        .await
+        .expect("query")
+        .expect("a row");
+    let connections: i64 = row.try_get("", "n").expect("n");
+    let all_tls: Option<bool> = row.try_get("", "all_tls").expect("all_tls");
+    assert!(
+        connections >= 1,
+        "pollcast holds no connection to {database}"
+    );
+    assert_eq!(all_tls, Some(true), "a plain connection in the pool");
+    assert!(server.terminate().success());
+
+    let ca = cluster.ca_certificate().display().to_string();
+    let verified = format!("{plain}?sslmode=verify-full&sslrootcert={ca}");
+    let (status, output) = run(BIN, &["migrate", "--database-url", &verified]);
+    assert!(status.success(), "verify-full with the CA: {output}");
+
+    let untrusted = format!("{plain}?sslmode=verify-full");
+    let (status, output) = run(BIN, &["migrate", "--database-url", &untrusted]);
+    assert!(
+        !status.success(),
+        "a certificate no CA vouches for was accepted"
+    );
+    assert!(output.to_lowercase().contains("certificate"), "{output}");
+}
