@@ -8,6 +8,7 @@ mod health;
 mod nats_configs;
 mod outbox;
 mod polls;
+mod properties;
 mod rate_limits;
 mod sessions;
 mod stream_jetstream;

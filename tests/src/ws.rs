@@ -317,8 +317,13 @@ impl RawClient {
 
     /// Writes bytes as they are.
     pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.try_send_raw(bytes).await.expect("send");
+    }
+
+    /// Writes bytes as they are; fails once the server has closed the connection.
+    pub async fn try_send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         use tokio::io::AsyncWriteExt;
-        self.tcp.write_all(bytes).await.expect("send");
+        self.tcp.write_all(bytes).await
     }
 
     /// Reads server frames until a close frame and returns its status; `None` if
