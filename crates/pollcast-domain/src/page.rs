@@ -2,6 +2,8 @@
 //! already has, so paging stays exact while participants join or polls are created
 //! between two requests (an offset would skip or repeat items).
 
+use sea_orm::sea_query::SimpleExpr;
+use sea_orm::{ColumnTrait, Condition};
 use uuid::Uuid;
 
 /// The largest page a client may ask for.
@@ -49,6 +51,20 @@ impl PageRequest {
         };
         Page { items, more }
     }
+}
+
+/// Rows that come after the row `(at, id)` in a list ordered by `(order, key)`:
+/// later, or as late with a larger id.
+pub(crate) fn after<C: ColumnTrait>(
+    order: C,
+    key: C,
+    at: impl Into<sea_orm::Value> + Clone,
+    id: Uuid,
+) -> Condition {
+    let later: SimpleExpr = order.gt(at.clone());
+    Condition::any()
+        .add(later)
+        .add(Condition::all().add(order.eq(at)).add(key.gt(id)))
 }
 
 /// One page of a list.

@@ -3,14 +3,15 @@
 use pollcast_protocol::{DomainEvent, Participant, Role, Session, SessionStatus};
 use pollcast_store::{participant, session};
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect,
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect,
 };
 use uuid::Uuid;
 
 use crate::tx::SessionTx;
 use crate::{
-    Access, Claims, Domain, DomainError, DomainResult, Page, PageRequest, code, convert, validate,
+    Access, Claims, Domain, DomainError, DomainResult, Page, PageRequest, code, convert, page,
+    validate,
 };
 
 /// A participant who just joined, their token and the session joined.
@@ -103,15 +104,12 @@ impl Domain {
                         "after: names no participant of this session".into(),
                     )
                 })?;
-            query = query.filter(
-                Condition::any()
-                    .add(participant::Column::JoinedAt.gt(cursor.joined_at))
-                    .add(
-                        Condition::all()
-                            .add(participant::Column::JoinedAt.eq(cursor.joined_at))
-                            .add(participant::Column::Id.gt(cursor.id)),
-                    ),
-            );
+            query = query.filter(page::after(
+                participant::Column::JoinedAt,
+                participant::Column::Id,
+                cursor.joined_at,
+                cursor.id,
+            ));
         }
         let rows = query.limit(page.rows_to_read()).all(self.db()).await?;
         Ok(page.cut(rows.iter().map(convert::participant).collect()))

@@ -4,15 +4,15 @@
 use pollcast_protocol::{DomainEvent, Poll, PollKind, PollOption, PollStatus, SessionStatus};
 use pollcast_store::{poll, session};
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect,
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect,
 };
 use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::tx::SessionTx;
 use crate::{
-    Access, Claims, Domain, DomainError, DomainResult, Page, PageRequest, convert, validate,
+    Access, Claims, Domain, DomainError, DomainResult, Page, PageRequest, convert, page, validate,
 };
 
 /// A poll as the presenter asks for it.
@@ -59,8 +59,9 @@ impl NewPollOption {
 }
 
 impl NewPoll {
-    /// Checks the contract's limits; returns `maxChoices` to store.
-    fn validate(&self) -> DomainResult<u32> {
+    /// Checks the contract's limits (question, options, `maxChoices`); returns
+    /// the `maxChoices` to store.
+    pub fn validate(&self) -> DomainResult<u32> {
         validate::text("question", &self.question, validate::QUESTION)?;
         let (min, max) = validate::OPTIONS;
         let count = self.options.len();
@@ -164,15 +165,12 @@ impl Domain {
                 .ok_or_else(|| {
                     DomainError::ValidationFailed("after: names no poll of this session".into())
                 })?;
-            query = query.filter(
-                Condition::any()
-                    .add(poll::Column::CreatedAt.gt(cursor.created_at))
-                    .add(
-                        Condition::all()
-                            .add(poll::Column::CreatedAt.eq(cursor.created_at))
-                            .add(poll::Column::Id.gt(cursor.id)),
-                    ),
-            );
+            query = query.filter(page::after(
+                poll::Column::CreatedAt,
+                poll::Column::Id,
+                cursor.created_at,
+                cursor.id,
+            ));
         }
         let rows = query.limit(page.rows_to_read()).all(self.db()).await?;
         let polls = rows
