@@ -29,6 +29,8 @@ use tokio::sync::watch;
 pub mod close;
 mod connection;
 pub mod frame;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod limits;
 pub mod pager;
 pub mod query;
