@@ -64,6 +64,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The fuzz targets' entry points (fuzz/ itself needs nightly, see docs/operations.md).
+cargo clippy -p pollcast-edge --features fuzzing --locked -- -D warnings
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -10,7 +10,10 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         assert!((1..=poll.options.len() as u32).contains(&max_choices));
     }
     if let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) {
-        for (field, rule) in [("title", validate::TITLE), ("displayName", validate::DISPLAY_NAME)] {
+        for (field, rule) in [
+            ("title", validate::TITLE),
+            ("displayName", validate::DISPLAY_NAME),
+        ] {
             if let Some(text) = value[field].as_str()
                 && validate::text(field, text, rule).is_ok()
             {

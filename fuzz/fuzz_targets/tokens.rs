@@ -10,5 +10,8 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         return;
     };
     let keys = TokenKeys::new(b"fuzzing secret", Duration::from_secs(60));
-    assert!(keys.verify(token).is_err(), "a forged token verified: {token:?}");
+    assert!(
+        keys.verify(token).is_err(),
+        "a forged token verified: {token:?}"
+    );
 });
