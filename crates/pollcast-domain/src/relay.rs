@@ -107,7 +107,8 @@ impl Relay {
         Ok(restored)
     }
 
-    /// Publishes every pending event it can; returns how many it published.
+    /// Publishes every pending event it can; returns how many it published, and
+    /// sets `pollcast_outbox_pending` to how many it could not.
     pub async fn publish_pending(&self) -> DomainResult<usize> {
         let mut total = 0;
         loop {
@@ -119,6 +120,7 @@ impl Relay {
                 .all(&self.db)
                 .await?;
             let full = rows.len() as u64 == BATCH;
+            let read = rows.len();
             let (published, failure) = self.publish_rows(rows).await;
             let progress = published
                 .values()
@@ -127,11 +129,33 @@ impl Relay {
             self.mark_published(&published).await?;
             total += usize::try_from(progress).unwrap_or(0);
             if let Some(err) = failure {
+                self.report_pending().await;
                 return Err(err);
             }
-            if !full || progress == 0 {
+            if !full {
+                // What this read left behind is all that is pending (sessions
+                // blocked behind an event another node has not published yet).
+                let left = read.saturating_sub(usize::try_from(progress).unwrap_or(0));
+                metrics::gauge!("pollcast_outbox_pending").set(left as f64);
                 return Ok(total);
             }
+            if progress == 0 {
+                self.report_pending().await;
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Counts the unpublished events (a range of the partial index on them), for
+    /// when the stream is failing and they pile up: the alert watches this.
+    async fn report_pending(&self) {
+        let pending = outbox::Entity::find()
+            .filter(outbox::Column::PublishedAt.is_null())
+            .count(&self.db)
+            .await;
+        match pending {
+            Ok(n) => metrics::gauge!("pollcast_outbox_pending").set(n as f64),
+            Err(err) => tracing::debug!(error = %err, "cannot count pending events"),
         }
     }
 
@@ -158,7 +182,7 @@ impl Relay {
             match self.stream.publish(event).await {
                 Ok(_) => {
                     let lag = Timestamp::now().unix_millis() - row.occurred_at.timestamp_millis();
-                    metrics::histogram!("pollcast_outbox_publish_lag_seconds")
+                    metrics::histogram!("pollcast_event_publish_seconds")
                         .record(lag.max(0) as f64 / 1000.0);
                     published
                         .entry(row.session_id)

@@ -266,8 +266,6 @@ impl Domain {
                     tx.emit(DomainEvent::VoteAccepted { vote: vote.clone() });
                 }
                 StoredAnswer::Rejected { reason, message } => {
-                    metrics::counter!("pollcast_votes_rejected_total", "reason" => reason.code())
-                        .increment(1);
                     tx.emit(DomainEvent::VoteRejected {
                         poll_id: ballot.poll_id,
                         participant_id: ballot.participant_id,
@@ -290,8 +288,17 @@ impl Domain {
             outcomes.push(answer.into_result());
         }
         tx.commit(self).await?;
-        let accepted = outcomes.iter().filter(|o| o.is_ok()).count();
-        metrics::counter!("pollcast_votes_accepted_total").increment(accepted as u64);
+        // Counted once committed: a batch that fails is retried vote by vote, and
+        // its answers must not count twice.
+        for outcome in &outcomes {
+            let label = match outcome {
+                Ok(_) => "accepted",
+                Err(DomainError::VoteRejected { reason, .. }) => reason.code(),
+                Err(DomainError::Unauthorized(_)) => "unauthorized",
+                Err(_) => "error",
+            };
+            metrics::counter!("pollcast_votes_total", "outcome" => label).increment(1);
+        }
         Ok((outcomes, accepted_polls))
     }
 }

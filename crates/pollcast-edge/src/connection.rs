@@ -47,12 +47,11 @@ where
     let (read, write) = ws.split(tokio::io::split);
     let (inbound_tx, mut inbound) = mpsc::channel(64);
     let reader = tokio::spawn(reader::run(read, inbound_tx));
-    let mut out = Writer {
-        ws: write,
-        format: query::format_of(&query),
-        session_id: Uuid::nil(),
-        timeout: edge.inner.config.write_timeout,
-    };
+    let mut out = Writer::new(
+        write,
+        query::format_of(&query),
+        edge.inner.config.write_timeout,
+    );
     match admit(&edge, &query, origin.as_deref()).await {
         Err((session_id, refusal)) => {
             out.session_id = session_id;
@@ -63,9 +62,9 @@ where
         }
         Ok((request, claims, admission)) => {
             out.session_id = request.session_id;
-            metrics::gauge!("pollcast_edge_connections").increment(1.0);
+            metrics::gauge!("pollcast_ws_connections").increment(1.0);
             run(&edge, out, request, claims, &mut inbound).await;
-            metrics::gauge!("pollcast_edge_connections").decrement(1.0);
+            metrics::gauge!("pollcast_ws_connections").decrement(1.0);
             drop(admission);
         }
     }
@@ -330,7 +329,9 @@ where
             return Ok(());
         }
         self.last = event.position();
-        self.out.send(bytes).await
+        self.out.send(bytes).await?;
+        self.out.delivered(&event.event);
+        Ok(())
     }
 
     /// Before a shutdown close: writes what is queued, then whatever the stream
@@ -413,6 +414,8 @@ where
             }
         }
         metrics::histogram!("pollcast_edge_replay_seconds").record(started.elapsed().as_secs_f64());
+        let outcome = if recovered { "true" } else { "false" };
+        metrics::counter!("pollcast_replays_total", "recovered" => outcome).increment(1);
         let reconnected = ConnectionEvent::Reconnected {
             from_event_id: from,
             replayed,
@@ -474,12 +477,46 @@ struct Writer<S> {
     format: WireFormat,
     session_id: Uuid,
     timeout: Duration,
+    /// `pollcast_ws_frames_sent_total` for this connection's format, looked up once.
+    frames: metrics::Counter,
+    /// `pollcast_event_delivery_seconds` by event type, looked up on first use: a
+    /// frame then costs one atomic push, not a registry lookup.
+    delivery: Vec<(&'static str, metrics::Histogram)>,
 }
 
 impl<S> Writer<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    fn new(ws: WebSocketWrite<WriteHalf<S>>, format: WireFormat, timeout: Duration) -> Self {
+        let label = match format {
+            WireFormat::Json => "json",
+            WireFormat::MessagePack => "msgpack",
+        };
+        Self {
+            ws,
+            format,
+            session_id: Uuid::nil(),
+            timeout,
+            frames: metrics::counter!("pollcast_ws_frames_sent_total", "format" => label),
+            delivery: Vec::new(),
+        }
+    }
+
+    /// Records how long `event` took from its commit to this client's socket.
+    fn delivered(&mut self, event: &SessionEvent) {
+        let event_type = event.event.event_type();
+        let position = self.delivery.iter().position(|(t, _)| *t == event_type);
+        let index = position.unwrap_or_else(|| {
+            let histogram =
+                metrics::histogram!("pollcast_event_delivery_seconds", "event_type" => event_type);
+            self.delivery.push((event_type, histogram));
+            self.delivery.len() - 1
+        });
+        let lag = Timestamp::now().unix_millis() - event.timestamp.unix_millis();
+        self.delivery[index].1.record(lag.max(0) as f64 / 1000.0);
+    }
+
     async fn write(&mut self, frame: Frame<'_>) -> Result<(), Broken> {
         match timeout(self.timeout, self.ws.write_frame(frame)).await {
             Ok(Ok(())) => Ok(()),
@@ -501,7 +538,9 @@ where
             WireFormat::Json => Frame::text(payload),
             WireFormat::MessagePack => Frame::binary(payload),
         };
-        self.write(frame).await
+        self.write(frame).await?;
+        self.frames.increment(1);
+        Ok(())
     }
 
     async fn send_connection(&mut self, event: ConnectionEvent) -> Result<(), Broken> {
@@ -521,7 +560,9 @@ where
             message: reason.message(),
         };
         self.send_connection(error).await?;
-        self.write(Frame::close(reason.status(), reason.code().as_bytes()))
+        let status = reason.status();
+        metrics::counter!("pollcast_ws_closes_total", "code" => status.to_string()).increment(1);
+        self.write(Frame::close(status, reason.code().as_bytes()))
             .await
     }
 }

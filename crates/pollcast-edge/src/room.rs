@@ -164,7 +164,7 @@ impl Rooms {
                     newest,
                 ));
                 rooms.insert(session_id, Arc::clone(&room));
-                metrics::gauge!("pollcast_edge_rooms").increment(1.0);
+                metrics::gauge!("pollcast_ws_rooms").increment(1.0);
                 room
             }
         };
@@ -186,7 +186,7 @@ impl Rooms {
         if empty {
             room.stop.notify_one();
             rooms.remove(&session_id);
-            metrics::gauge!("pollcast_edge_rooms").decrement(1.0);
+            metrics::gauge!("pollcast_ws_rooms").decrement(1.0);
         }
     }
 }

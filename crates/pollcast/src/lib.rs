@@ -27,6 +27,7 @@ use tokio::task::JoinHandle;
 
 pub mod config;
 pub mod open_files;
+pub mod telemetry;
 
 pub use config::Config;
 

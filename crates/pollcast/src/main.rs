@@ -3,7 +3,6 @@
 
 use anyhow::Context;
 use clap::Parser;
-use metrics_exporter_prometheus::PrometheusBuilder;
 use pollcast::config::{Command, Config, Role, ServeArgs, StoreArgs};
 use pollcast::{ApiSettings, Server, Settings};
 use pollcast_domain::TokenKeys;
@@ -29,9 +28,8 @@ async fn main() -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     args.validate()?;
-    let metrics = PrometheusBuilder::new()
-        .install_recorder()
-        .context("installing the metrics recorder")?;
+    let metrics = pollcast::telemetry::install().context("installing the metrics recorder")?;
+    tokio::spawn(pollcast::telemetry::upkeep(metrics.clone()));
     let keys = TokenKeys::new(&args.secret()?, args.token_lifetime());
     let stream_config = args.stream.stream_config(args.role != Role::Edge);
     let api = match args.role {
