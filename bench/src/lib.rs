@@ -2,6 +2,9 @@
 
 use std::sync::Arc;
 
+pub mod client;
+pub mod probe;
+
 use pollcast::{ApiSettings, Server, Settings};
 use pollcast_api::RateLimitConfig;
 use pollcast_domain::{DomainConfig, TokenKeys};

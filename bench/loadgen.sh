@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Runs the load generator against a freshly started release server, RUNS times
+# (default 3), each on a new server and database, and prints every run's JSON line
+# last. Loopback only; every run is bounded.
+#
+#   bench/loadgen.sh fanout --clients 2000 --votes-per-sec 1000 --seconds 15
+#   RUNS=5 FORMAT=msgpack bench/loadgen.sh reconnect-storm --clients 10000
+#
+# Extra server flags: SERVER_FLAGS="--sqlite-synchronous normal" bench/loadgen.sh …
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --locked -q -p pollcast -p pollcast-bench
+runs=${RUNS:-3}
+lines=()
+for run in $(seq 1 "$runs"); do
+    dir=$(mktemp -d)
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    # shellcheck disable=SC2086
+    ./target/release/pollcast serve --listen "127.0.0.1:$port" --data-dir "$dir" \
+        --writes-per-second 0 --anonymous-per-second 0 \
+        --max-participants-per-session 1000000 --max-polls-per-session 1000000 \
+        ${SERVER_FLAGS:-} 2>"$dir/server.log" &
+    server=$!
+    for _ in $(seq 100); do
+        curl -fs "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    echo "== run $run of $runs"
+    out=$(timeout 600 ./target/release/loadgen --url "http://127.0.0.1:$port" \
+        --server-pid "$server" --format "${FORMAT:-json}" "$@") || true
+    echo "$out" | sed '$d'
+    lines+=("$(echo "$out" | tail -n 1)")
+    kill "$server" 2>/dev/null || true
+    wait "$server" 2>/dev/null || true
+    rm -rf "$dir"
+done
+printf '%s\n' "${lines[@]}"

@@ -1,0 +1,534 @@
+//! The load generator: a process of its own, against a server started
+//! separately, so the server's CPU and memory can be read apart from the load's.
+//!
+//! ```sh
+//! pollcast serve --listen 127.0.0.1:8080 --writes-per-second 0 --anonymous-per-second 0 \
+//!     --max-participants-per-session 1000000 --max-polls-per-session 100000 &
+//! loadgen --url http://127.0.0.1:8080 --server-pid $! fanout --clients 2000 --votes-per-sec 1000
+//! ```
+//!
+//! Scenarios: `fanout` (one session, every participant on a socket, votes at a
+//! rate, results coalesced), `reconnect-storm` (the same, and mid-run every client
+//! drops and reconnects with `lastEventId` at once). Each run prints a summary and
+//! one JSON line. Loopback only; every run is bounded in count and in time.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use pollcast_bench::client::{self, Incoming};
+use pollcast_bench::probe::{Buckets, ProcStat, proc_stat};
+use pollcast_protocol::{Timestamp, WireFormat};
+use pollcast_tests::client::{Api, Joiner, Presenter, id_of, option_id};
+use serde_json::json;
+use tokio::sync::{Semaphore, watch};
+
+#[derive(Parser, Debug)]
+#[command(about = "pollcast load generator (loopback only, bounded)")]
+struct Args {
+    /// The server, `http://127.0.0.1:PORT`; it must run with rate limits off.
+    #[arg(long)]
+    url: String,
+    /// The server's process id, to read its CPU time and memory from /proc.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Source addresses 127.0.0.1..=127.0.0.N for the sockets (more than one
+    /// when the clients would run out of ports on one address).
+    #[arg(long, default_value_t = 1)]
+    sources: u8,
+    /// `json` or `msgpack`.
+    #[arg(long, default_value = "json")]
+    format: String,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+enum Scenario {
+    /// One session, every participant connected, votes at a steady rate.
+    Fanout {
+        /// Participant sockets (plus one presenter).
+        #[arg(long, default_value_t = 2000)]
+        clients: usize,
+        /// Votes per second (each participant votes once per poll; polls rotate).
+        #[arg(long, default_value_t = 1000)]
+        votes_per_sec: u32,
+        /// Seconds of load (at most 120).
+        #[arg(long, default_value_t = 15)]
+        seconds: u64,
+    },
+    /// Like `fanout`, and halfway through every client drops and reconnects
+    /// with `lastEventId` at once.
+    ReconnectStorm {
+        /// Participant sockets (plus one presenter).
+        #[arg(long, default_value_t = 10_000)]
+        clients: usize,
+        /// Votes per second while the storm happens.
+        #[arg(long, default_value_t = 200)]
+        votes_per_sec: u32,
+        /// Seconds of load (at most 120); the storm is at half time.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+}
+
+/// Longest any phase may take, so a broken run cannot hang the machine.
+const PHASE_LIMIT: Duration = Duration::from_secs(180);
+/// Longest wait for one connection or one answer.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// What one client saw.
+#[derive(Default)]
+struct Seen {
+    /// Commit-to-parsed latency of each live event, microseconds.
+    latencies_us: Vec<u32>,
+    /// Room-wide events (every member gets them), live or replayed.
+    room_events: u64,
+    /// Every event with an id.
+    frames: u64,
+    /// Events at or before a position already seen.
+    duplicates: u64,
+    /// The connection failed or was closed by the server.
+    failed: bool,
+    /// From the storm signal to `connection:reconnected`.
+    recovery: Option<Duration>,
+    /// What `connection:reconnected` said.
+    recovered: Option<bool>,
+}
+
+fn room_wide(event_type: &str) -> bool {
+    event_type.starts_with("session:")
+        || event_type.starts_with("poll:")
+        || event_type == "results:updated"
+}
+
+/// Phases every client follows.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Phase {
+    Run,
+    Storm,
+}
+
+struct Client {
+    server: SocketAddr,
+    source: IpAddr,
+    session: String,
+    session_id: uuid::Uuid,
+    token: String,
+    format: WireFormat,
+    format_name: &'static str,
+}
+
+impl Client {
+    fn query(&self, last: Option<&str>) -> String {
+        let mut q = format!(
+            "sessionId={}&token={}&format={}",
+            self.session, self.token, self.format_name
+        );
+        if let Some(last) = last {
+            q.push_str("&lastEventId=");
+            q.push_str(last);
+        }
+        q
+    }
+
+    /// Reads until `session:ended`, reconnecting once when the phase turns to
+    /// `Storm`. `ready` counts established connections.
+    async fn run(self, ready: Arc<AtomicU64>, mut phase: watch::Receiver<Phase>) -> Seen {
+        let mut seen = Seen::default();
+        let Ok(mut ws) = client::connect(self.server, self.source, &self.query(None), WAIT).await
+        else {
+            seen.failed = true;
+            ready.fetch_add(1, Ordering::Relaxed);
+            return seen;
+        };
+        let mut last_position = 0u64;
+        let mut last_id: Option<String> = None;
+        let mut replaying = false;
+        let mut storm_started: Option<Instant> = None;
+        // Until the storm, or until the generator says there will be none.
+        let mut watching = true;
+        loop {
+            let incoming = tokio::select! {
+                incoming = client::next(&mut ws, self.format) => incoming,
+                changed = phase.changed(), if watching => {
+                    if changed.is_err() {
+                        watching = false;
+                        continue;
+                    }
+                    if *phase.borrow() != Phase::Storm {
+                        continue;
+                    }
+                    watching = false;
+                    storm_started = Some(Instant::now());
+                    drop(ws);
+                    match client::connect(self.server, self.source, &self.query(last_id.as_deref()), WAIT).await {
+                        Ok(again) => ws = again,
+                        Err(_) => { seen.failed = true; return seen; }
+                    }
+                    replaying = true;
+                    continue;
+                }
+            };
+            let head = match incoming {
+                Ok(Incoming::Envelope(head)) => head,
+                Ok(Incoming::Other) => continue,
+                Ok(Incoming::Closed(_)) | Err(_) => {
+                    seen.failed = true;
+                    return seen;
+                }
+            };
+            match (head.event_id, head.event_type.as_str()) {
+                (None, "connection:established") if storm_started.is_none() => {
+                    ready.fetch_add(1, Ordering::Relaxed);
+                }
+                (None, "connection:reconnected") => {
+                    replaying = false;
+                    seen.recovery = storm_started.map(|t| t.elapsed());
+                    seen.recovered = head.payload.and_then(|p| p.recovered);
+                }
+                (None, _) => {}
+                (Some(id), event_type) => {
+                    let Ok(position) = id.position_in(self.session_id) else {
+                        seen.failed = true;
+                        return seen;
+                    };
+                    if position <= last_position {
+                        seen.duplicates += 1;
+                        continue;
+                    }
+                    last_position = position;
+                    last_id = Some(id.to_string());
+                    seen.frames += 1;
+                    if room_wide(event_type) {
+                        seen.room_events += 1;
+                    }
+                    if !replaying {
+                        let lag_ms = Timestamp::now().unix_millis() - head.timestamp.unix_millis();
+                        seen.latencies_us
+                            .push(u32::try_from(lag_ms.max(0) * 1000).unwrap_or(u32::MAX));
+                    }
+                    if event_type == "session:ended" {
+                        return seen;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The votes sent and how they were answered.
+#[derive(Default)]
+struct VoteLoad {
+    sent: u64,
+    accepted: u64,
+    /// Time the sender fell behind its schedule at the end.
+    behind: Duration,
+}
+
+/// Sends votes at `rate` for `length`, rotating polls when everyone has voted.
+async fn vote(
+    api: &Api,
+    presenter: &Presenter,
+    voters: &[Joiner],
+    rate: u32,
+    length: Duration,
+    storm: Option<(Duration, watch::Sender<Phase>)>,
+) -> anyhow::Result<VoteLoad> {
+    let in_flight = Arc::new(Semaphore::new(512));
+    let accepted = Arc::new(AtomicU64::new(0));
+    let mut load = VoteLoad::default();
+    let mut poll = api.active_poll(presenter).await;
+    let mut next = 0usize;
+    let tick = Duration::from_millis(10);
+    let per_tick = f64::from(rate) * tick.as_secs_f64();
+    let started = Instant::now();
+    let mut owed = 0.0;
+    let mut storm = storm;
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    while started.elapsed() < length {
+        ticker.tick().await;
+        if let Some((at, _)) = &storm
+            && started.elapsed() >= *at
+            && let Some((_, signal)) = storm.take()
+        {
+            let _ = signal.send(Phase::Storm);
+        }
+        owed += per_tick;
+        while owed >= 1.0 {
+            owed -= 1.0;
+            if next == voters.len() {
+                let close = format!("/api/polls/{}/close", id_of(&poll));
+                api.act(&close, Some(&presenter.token)).await;
+                poll = api.active_poll(presenter).await;
+                next = 0;
+            }
+            let (api, token) = (api.clone(), voters[next].token.clone());
+            let (poll_id, option) = (id_of(&poll), option_id(&poll, next % 3));
+            let permit = Arc::clone(&in_flight).acquire_owned().await?;
+            let accepted = Arc::clone(&accepted);
+            tokio::spawn(async move {
+                if api.vote(&poll_id, &token, &[option.as_str()]).await.status == 201 {
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                }
+                drop(permit);
+            });
+            next += 1;
+            load.sent += 1;
+        }
+    }
+    load.behind = started.elapsed().saturating_sub(length);
+    // Every vote answered before the run ends.
+    let _all = in_flight.acquire_many(512).await?;
+    load.accepted = accepted.load(Ordering::Relaxed);
+    Ok(load)
+}
+
+/// Percentile of sorted microseconds, in milliseconds.
+fn pct(sorted: &[u32], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let at = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    f64::from(sorted[at]) / 1000.0
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let server: SocketAddr = args
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--url must be http://127.x.y.z:PORT"))?;
+    anyhow::ensure!(server.ip().is_loopback(), "load goes to loopback only");
+    let (format, format_name) = match args.format.as_str() {
+        "msgpack" => (WireFormat::MessagePack, "msgpack"),
+        _ => (WireFormat::Json, "json"),
+    };
+    let (scenario, clients, rate, seconds) = match args.scenario {
+        Scenario::Fanout {
+            clients,
+            votes_per_sec,
+            seconds,
+        } => ("fanout", clients, votes_per_sec, seconds),
+        Scenario::ReconnectStorm {
+            clients,
+            votes_per_sec,
+            seconds,
+        } => ("reconnect-storm", clients, votes_per_sec, seconds),
+    };
+    let length = Duration::from_secs(seconds.min(120));
+    let server_pid = args.server_pid.map(|p| p.to_string());
+    let read_server = || server_pid.as_deref().and_then(|p| proc_stat(p).ok());
+    let api = Api::new(args.url.trim_end_matches('/').to_owned());
+    let metrics_url = format!("{}/metrics", args.url.trim_end_matches('/'));
+    let scrape = || async {
+        let text = reqwest::get(&metrics_url).await.ok()?.text().await.ok()?;
+        Some(Buckets::from_scrape(&text))
+    };
+
+    // Set-up: a session, its participants, a socket each.
+    let presenter = api.started_session().await;
+    let joined = tokio::time::timeout(PHASE_LIMIT, join_all(&api, &presenter, clients)).await??;
+    let idle_server = read_server();
+    let ready = Arc::new(AtomicU64::new(0));
+    let (phase_tx, phase_rx) = watch::channel(Phase::Run);
+    let mut tasks = Vec::with_capacity(clients + 1);
+    let tokens =
+        std::iter::once(presenter.token.clone()).chain(joined.iter().map(|j| j.token.clone()));
+    for (i, token) in tokens.enumerate() {
+        let source = Ipv4Addr::new(127, 0, 0, 1 + (i % usize::from(args.sources.max(1))) as u8);
+        let client = Client {
+            server,
+            source: IpAddr::V4(source),
+            session: presenter.session_id.clone(),
+            session_id: presenter.session_id.parse()?,
+            token,
+            format,
+            format_name,
+        };
+        tasks.push(tokio::spawn(
+            client.run(Arc::clone(&ready), phase_rx.clone()),
+        ));
+        // Connect in waves: a listen backlog of thousands at once drops SYNs.
+        if i % 256 == 255 {
+            while ready.load(Ordering::Relaxed) + 64 < i as u64 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+    let deadline = Instant::now() + PHASE_LIMIT;
+    while ready.load(Ordering::Relaxed) < tasks.len() as u64 {
+        anyhow::ensure!(Instant::now() < deadline, "clients did not connect in time");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let connected_server = read_server();
+    let before_buckets = scrape().await;
+    let own_before = proc_stat("self")?;
+    let started = Instant::now();
+
+    // Load.
+    let storm = (scenario == "reconnect-storm").then(|| (length / 2, phase_tx));
+    let votes = vote(&api, &presenter, &joined, rate, length, storm).await?;
+    let ended = format!("/api/sessions/{}/end", presenter.session_id);
+    api.act(&ended, Some(&presenter.token)).await;
+    let mut seen = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        match tokio::time::timeout(WAIT, task).await {
+            Ok(Ok(s)) => seen.push(s),
+            _ => seen.push(Seen {
+                failed: true,
+                ..Seen::default()
+            }),
+        }
+    }
+    let wall = started.elapsed();
+    let own_after = proc_stat("self")?;
+    let after_server = read_server();
+    let after_buckets = scrape().await;
+
+    // Figures.
+    let presenter_room = seen[0].room_events;
+    let lost: u64 = seen
+        .iter()
+        .filter(|s| !s.failed)
+        .map(|s| presenter_room.saturating_sub(s.room_events))
+        .sum();
+    let duplicates: u64 = seen.iter().map(|s| s.duplicates).sum();
+    let failed = seen.iter().filter(|s| s.failed).count();
+    let frames: u64 = seen.iter().map(|s| s.frames).sum();
+    let mut latencies: Vec<u32> = seen
+        .iter()
+        .flat_map(|s| s.latencies_us.iter().copied())
+        .collect();
+    latencies.sort_unstable();
+    let cpu = |a: Option<ProcStat>, b: Option<ProcStat>| {
+        a.zip(b).map(|(a, b)| b.cpu_seconds - a.cpu_seconds)
+    };
+    let server_cpu = cpu(connected_server, after_server);
+    let own_cpu = own_after.cpu_seconds - own_before.cpu_seconds;
+    let per_frame_us = |cpu: f64| {
+        if frames > 0 {
+            cpu * 1e6 / frames as f64
+        } else {
+            0.0
+        }
+    };
+    let rss_per_conn = idle_server.zip(connected_server).map(|(a, b)| {
+        (b.rss_bytes.saturating_sub(a.rss_bytes)) as f64 / 1024.0 / (clients + 1) as f64
+    });
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let own_share = own_cpu / wall.as_secs_f64() / threads;
+    let saturated = own_share > 0.9 || votes.behind > Duration::from_millis(500);
+    let server_p99 = before_buckets
+        .zip(after_buckets)
+        .and_then(|(b, a)| a.since(&b).quantile_ms(0.99));
+    let recoveries: Vec<f64> = seen
+        .iter()
+        .filter_map(|s| s.recovery)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .collect();
+    let worst_recovery = recoveries.iter().copied().fold(0.0, f64::max);
+    let unrecovered = seen.iter().filter(|s| s.recovered == Some(false)).count();
+
+    println!(
+        "{scenario}: {} clients + presenter ({format_name}), {rate} votes/s for {:.0} s",
+        clients,
+        length.as_secs_f64()
+    );
+    println!(
+        "  latency commit→parsed: p50 {:.1} ms, p90 {:.1}, p99 {:.1}, p99.9 {:.1}, max {:.1} (server histogram p99 {})",
+        pct(&latencies, 0.5),
+        pct(&latencies, 0.9),
+        pct(&latencies, 0.99),
+        pct(&latencies, 0.999),
+        pct(&latencies, 1.0),
+        server_p99.map_or("n/a".into(), |v| format!("{v:.1} ms")),
+    );
+    println!(
+        "  {:.0} deliveries/s, {:.0} votes/s accepted ({} of {} sent); lost {lost}, duplicated {duplicates}, failed connections {failed}",
+        frames as f64 / wall.as_secs_f64(),
+        votes.accepted as f64 / wall.as_secs_f64(),
+        votes.accepted,
+        votes.sent,
+    );
+    if let Some(cpu) = server_cpu {
+        println!(
+            "  server CPU {:.2} s: {:.2} µs per delivered frame, {:.0} µs per accepted vote (all CPU divided by votes), RSS {:.1} KiB per connection",
+            cpu,
+            per_frame_us(cpu),
+            if votes.accepted > 0 {
+                cpu * 1e6 / votes.accepted as f64
+            } else {
+                0.0
+            },
+            rss_per_conn.unwrap_or(0.0),
+        );
+    }
+    println!(
+        "  load generator CPU {:.2} s ({:.2} µs per frame, {:.0} % of the machine){}",
+        own_cpu,
+        per_frame_us(own_cpu),
+        own_share * 100.0,
+        if saturated {
+            ": SATURATED, figures understate the server"
+        } else {
+            ", unsaturated"
+        },
+    );
+    if scenario == "reconnect-storm" {
+        println!(
+            "  storm: {} reconnected, slowest recovery {:.0} ms, recovered:false {}",
+            recoveries.len(),
+            worst_recovery,
+            unrecovered
+        );
+    }
+    let line = json!({
+        "scenario": scenario,
+        "clients": clients,
+        "format": format_name,
+        "votes_per_sec_target": rate,
+        "seconds": wall.as_secs_f64(),
+        "latency_ms": {
+            "p50": pct(&latencies, 0.5), "p90": pct(&latencies, 0.9), "p99": pct(&latencies, 0.99),
+            "p999": pct(&latencies, 0.999), "max": pct(&latencies, 1.0),
+        },
+        "server_histogram_p99_ms": server_p99,
+        "deliveries_per_sec": frames as f64 / wall.as_secs_f64(),
+        "votes_per_sec": votes.accepted as f64 / wall.as_secs_f64(),
+        "votes_sent": votes.sent,
+        "votes_accepted": votes.accepted,
+        "lost": lost,
+        "duplicated": duplicates,
+        "failed_connections": failed,
+        "server_cpu_us_per_frame": server_cpu.map(per_frame_us),
+        "server_cpu_us_per_vote": server_cpu.map(|c| if votes.accepted > 0 { c * 1e6 / votes.accepted as f64 } else { 0.0 }),
+        "server_rss_kib_per_connection": rss_per_conn,
+        "loadgen_cpu_us_per_frame": per_frame_us(own_cpu),
+        "loadgen_saturated": saturated,
+        "storm_recovery_max_ms": (scenario == "reconnect-storm").then_some(worst_recovery),
+        "storm_unrecovered": (scenario == "reconnect-storm").then_some(unrecovered),
+    });
+    println!("{line}");
+    Ok(())
+}
+
+/// Joins `n` participants, 32 at a time.
+async fn join_all(api: &Api, presenter: &Presenter, n: usize) -> anyhow::Result<Vec<Joiner>> {
+    use futures::StreamExt;
+    let joined = futures::stream::iter(0..n)
+        .map(|i| {
+            let (api, code) = (api.clone(), presenter.code.clone());
+            async move { api.join(&code, &format!("L{i}")).await }
+        })
+        .buffered(32)
+        .collect::<Vec<_>>()
+        .await;
+    Ok(joined)
+}
