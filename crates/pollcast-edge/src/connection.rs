@@ -8,28 +8,28 @@
 //! position this connection has passed on) drops the repeats.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use fastwebsockets::{Frame, OpCode, Payload, WebSocket, WebSocketWrite};
+use fastwebsockets::{OpCode, Role as WsRole, WebSocket};
 use pollcast_protocol::token::Claims;
 use pollcast_protocol::{
     ConnectionEvent, EventId, PresenceKind, PresenceSignal, Role, SessionEvent, Timestamp,
     WireFormat,
 };
-use tokio::io::{AsyncRead, AsyncWrite, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 use uuid::Uuid;
 
 use crate::Edge;
 use crate::close::CloseReason;
-use crate::frame::{EncodedEvent, connection_frame};
+use crate::frame::{EncodedEvent, Framed, connection_frame};
 use crate::limits::Admission;
+use crate::outlet::{Broken, Outlet, Queued};
 use crate::pager::{Page, Pager};
 use crate::query::{self, ConnectRequest};
 use crate::reader::{self, Inbound};
-use crate::room::{Member, Queued, SendQueue};
+use crate::room::Member;
 
 /// How long a replay waits for the log to reach the newest event the connection
 /// was told about (a stream replica a moment behind) before it gives up and says
@@ -44,14 +44,28 @@ pub(crate) async fn serve<S>(edge: Edge, ws: WebSocket<S>, query: String, origin
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (read, write) = ws.split(tokio::io::split);
+    // fastwebsockets reads; writes go through the outlet, which the room shares.
+    let (read, write) = tokio::io::split(ws.into_inner());
+    let (read, _) = fastwebsockets::after_handshake_split(read, tokio::io::sink(), WsRole::Server);
     let (inbound_tx, mut inbound) = mpsc::channel(64);
     let reader = tokio::spawn(reader::run(read, inbound_tx));
-    let mut out = Writer::new(
-        write,
-        query::format_of(&query),
-        edge.inner.config.write_timeout,
+    let format = query::format_of(&query);
+    let label = match format {
+        WireFormat::Json => "json",
+        WireFormat::MessagePack => "msgpack",
+    };
+    let config = &edge.inner.config;
+    let (outlet, live) = Outlet::new(
+        Box::new(write),
+        label,
+        config.send_queue_bytes,
+        config.write_timeout,
     );
+    let mut out = Writer {
+        outlet,
+        format,
+        session_id: Uuid::nil(),
+    };
     match admit(&edge, &query, origin.as_deref()).await {
         Err((session_id, refusal)) => {
             out.session_id = session_id;
@@ -63,7 +77,7 @@ where
         Ok((request, claims, admission)) => {
             out.session_id = request.session_id;
             metrics::gauge!("pollcast_ws_connections").increment(1.0);
-            run(&edge, out, request, claims, &mut inbound).await;
+            run(&edge, out, live, request, claims, &mut inbound).await;
             metrics::gauge!("pollcast_ws_connections").decrement(1.0);
             drop(admission);
         }
@@ -146,23 +160,21 @@ enum End {
     Shutdown,
 }
 
-async fn run<S>(
+async fn run(
     edge: &Edge,
-    out: Writer<S>,
+    out: Writer,
+    live: mpsc::UnboundedReceiver<Queued>,
     request: ConnectRequest,
     claims: Claims,
     inbound: &mut mpsc::Receiver<Inbound>,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+) {
     let connection_id = Uuid::now_v7();
     let session_id = request.session_id;
-    let (queue, live) = SendQueue::new(edge.inner.config.send_queue_bytes);
     let member = Member {
         presenter: claims.role == Role::Presenter,
         participant: claims.participant_id,
         format: request.format,
-        queue: queue.clone(),
+        outlet: Arc::clone(&out.outlet),
     };
     let mut connection = Connection {
         edge,
@@ -170,9 +182,7 @@ async fn run<S>(
         session_id,
         claims,
         connection_id,
-        queue,
         live,
-        last: 0,
     };
     if let Err(err) = edge
         .inner
@@ -185,6 +195,9 @@ async fn run<S>(
     }
     connection.presence(PresenceKind::Connected).await;
     let end = connection.serve(request.last_event_id, inbound).await;
+    // From here on only this task writes: the room must not slip an event in
+    // between the last frames and the close.
+    connection.out.outlet.set_direct(false).await;
     let closed = match end {
         End::Gone => false,
         End::Close(close) => connection.out.close(&close).await.is_ok(),
@@ -213,23 +226,17 @@ async fn linger(inbound: &mut mpsc::Receiver<Inbound>) {
     .await;
 }
 
-struct Connection<'e, S> {
+struct Connection<'e> {
     edge: &'e Edge,
-    out: Writer<S>,
+    out: Writer,
     session_id: Uuid,
     claims: Claims,
     connection_id: Uuid,
-    queue: SendQueue,
+    /// Events the room could not write itself.
     live: mpsc::UnboundedReceiver<Queued>,
-    /// Newest stream position this connection has passed on (sent, or skipped
-    /// because the client may not see it); live events at or before it are repeats.
-    last: u64,
 }
 
-impl<S> Connection<'_, S>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+impl Connection<'_> {
     async fn serve(
         &mut self,
         resume_from: Option<EventId>,
@@ -241,7 +248,7 @@ where
             Ok(newest) => newest,
             Err(err) => return End::Close(err.into()),
         };
-        self.last = newest.unwrap_or(0);
+        self.out.outlet.set_last(newest.unwrap_or(0));
         let established = ConnectionEvent::Established {
             connection_id: self.connection_id,
             role: self.claims.role,
@@ -268,6 +275,9 @@ where
         let pong_deadline = tokio::time::sleep(config.heartbeat_timeout);
         tokio::pin!(pong_deadline);
         let mut next_seen_report = Instant::now();
+        // Caught up: the room may write to the socket itself from now on
+        // (once this task has written what is queued).
+        self.out.outlet.set_direct(true).await;
         loop {
             let sent = tokio::select! {
                 biased;
@@ -288,7 +298,12 @@ where
                         Ok(())
                     }
                     Some(Inbound::Resume(text)) => match text.parse::<EventId>() {
-                        Ok(from) => self.replay(from).await,
+                        Ok(from) => {
+                            self.out.outlet.set_direct(false).await;
+                            let replayed = self.replay(from).await;
+                            self.out.outlet.set_direct(true).await;
+                            replayed
+                        }
                         Err(_) => self.bad_frame("resume: lastEventId is not an event id").await,
                     },
                     Some(Inbound::BadFrame(why)) => self.bad_frame(&why).await,
@@ -300,13 +315,11 @@ where
                     Some(Inbound::Closed) | None => return End::Gone,
                 },
                 queued = self.live.recv() => match queued {
-                    Some(Some(event)) => {
-                        if self.queue.overflowed.load(Ordering::Relaxed) {
-                            return End::Close(CloseReason::SlowConsumer);
-                        }
-                        self.send_live(&event).await
+                    Some(Queued::Overflowed) => return End::Close(CloseReason::SlowConsumer),
+                    Some(_) if self.out.outlet.overflowed() => {
+                        return End::Close(CloseReason::SlowConsumer);
                     }
-                    Some(None) => return End::Close(CloseReason::SlowConsumer),
+                    Some(item) => self.out.outlet.write_queued(&item, self.out.format).await,
                     None => return End::Gone,
                 },
                 _ = ping.tick() => self.out.send_connection(ConnectionEvent::Ping {}).await,
@@ -320,34 +333,27 @@ where
         }
     }
 
-    /// Passes on a live event unless the replay already did.
-    async fn send_live(&mut self, event: &EncodedEvent) -> Result<(), Broken> {
-        let format = self.out.format;
-        let bytes = event.bytes(format).unwrap_or_default();
-        self.queue.queued.fetch_sub(bytes.len(), Ordering::Relaxed);
-        if event.position() <= self.last {
-            return Ok(());
-        }
-        self.last = event.position();
-        self.out.send(bytes).await?;
-        self.out.delivered(&event.event);
-        Ok(())
-    }
-
     /// Before a shutdown close: writes what is queued, then whatever the stream
     /// holds beyond it that the room had not dispatched yet, so the client's last
     /// event is the stream's newest and its reconnect replays nothing twice.
     async fn flush_queue(&mut self) {
-        while let Ok(Some(event)) = self.live.try_recv() {
-            if self.send_live(&event).await.is_err() {
+        while let Ok(item) = self.live.try_recv() {
+            if matches!(item, Queued::Overflowed)
+                || self
+                    .out
+                    .outlet
+                    .write_queued(&item, self.out.format)
+                    .await
+                    .is_err()
+            {
                 return;
             }
         }
         let stream = Arc::clone(&self.edge.inner.stream);
-        let mut pager = Pager::new(&*stream, self.session_id, self.last);
+        let mut pager = Pager::new(&*stream, self.session_id, self.out.outlet.last());
         while let Ok(Page::Events(events)) = pager.next().await {
             for event in events {
-                self.last = event.position;
+                self.out.outlet.set_last(event.position);
                 if self.may_see(&event) && self.send_event(event).await.is_err() {
                     return;
                 }
@@ -369,7 +375,7 @@ where
                 // Everything up to `reach` must come from the log (the live queue
                 // holds only what is newer). A log that ends sooner is a replica
                 // behind the one `newest` asked: wait for it, briefly.
-                let reach = self.last;
+                let reach = self.out.outlet.last();
                 let deadline = Instant::now() + REPLAY_PATIENCE;
                 let mut wait = Duration::from_millis(20);
                 let mut pager = Pager::new(&*stream, self.session_id, after);
@@ -409,7 +415,8 @@ where
                     }
                 }
                 if recovered {
-                    self.last = self.last.max(pager.position());
+                    let outlet = &self.out.outlet;
+                    outlet.set_last(outlet.last().max(pager.position()));
                 }
             }
         }
@@ -427,9 +434,10 @@ where
     /// Encodes a replayed event for this connection alone and sends it.
     async fn send_event(&mut self, event: Arc<SessionEvent>) -> Result<(), Broken> {
         let encoded = EncodedEvent::new(event);
-        self.out
-            .send(encoded.bytes(self.out.format).unwrap_or_default())
-            .await
+        match encoded.framed(self.out.format) {
+            Some(frame) => self.out.outlet.write_frame(frame.bytes(), true).await,
+            None => Ok(()),
+        }
     }
 
     fn may_see(&self, event: &SessionEvent) -> bool {
@@ -466,95 +474,34 @@ where
     }
 }
 
-/// The socket broke or a write timed out; the connection is over.
-#[derive(Debug)]
-struct Broken;
-
-/// The write side: every frame this connection sends goes through here, each
-/// write bounded by the write timeout.
-struct Writer<S> {
-    ws: WebSocketWrite<WriteHalf<S>>,
+/// How the connection task writes: through the outlet it shares with its room.
+struct Writer {
+    outlet: Arc<Outlet>,
     format: WireFormat,
     session_id: Uuid,
-    timeout: Duration,
-    /// `pollcast_ws_frames_sent_total` for this connection's format, looked up once.
-    frames: metrics::Counter,
-    /// `pollcast_event_delivery_seconds` by event type, looked up on first use: a
-    /// frame then costs one atomic push, not a registry lookup.
-    delivery: Vec<(&'static str, metrics::Histogram)>,
 }
 
-impl<S> Writer<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    fn new(ws: WebSocketWrite<WriteHalf<S>>, format: WireFormat, timeout: Duration) -> Self {
-        let label = match format {
-            WireFormat::Json => "json",
-            WireFormat::MessagePack => "msgpack",
-        };
-        Self {
-            ws,
-            format,
-            session_id: Uuid::nil(),
-            timeout,
-            frames: metrics::counter!("pollcast_ws_frames_sent_total", "format" => label),
-            delivery: Vec::new(),
-        }
-    }
-
-    /// Records how long `event` took from its commit to this client's socket.
-    fn delivered(&mut self, event: &SessionEvent) {
-        let event_type = event.event.event_type();
-        let position = self.delivery.iter().position(|(t, _)| *t == event_type);
-        let index = position.unwrap_or_else(|| {
-            let histogram =
-                metrics::histogram!("pollcast_event_delivery_seconds", "event_type" => event_type);
-            self.delivery.push((event_type, histogram));
-            self.delivery.len() - 1
-        });
-        let lag = Timestamp::now().unix_millis() - event.timestamp.unix_millis();
-        self.delivery[index].1.record(lag.max(0) as f64 / 1000.0);
-    }
-
-    async fn write(&mut self, frame: Frame<'_>) -> Result<(), Broken> {
-        match timeout(self.timeout, self.ws.write_frame(frame)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(err)) => {
-                tracing::debug!(error = %err, "write failed");
-                Err(Broken)
-            }
-            Err(_) => {
-                metrics::counter!("pollcast_edge_write_timeouts_total").increment(1);
-                Err(Broken)
-            }
-        }
-    }
-
+impl Writer {
     /// One envelope in this connection's format: text for JSON, binary for MessagePack.
-    async fn send(&mut self, bytes: &[u8]) -> Result<(), Broken> {
-        let payload = Payload::Borrowed(bytes);
-        let frame = match self.format {
-            WireFormat::Json => Frame::text(payload),
-            WireFormat::MessagePack => Frame::binary(payload),
-        };
-        self.write(frame).await?;
-        self.frames.increment(1);
-        Ok(())
+    async fn send(&self, bytes: &[u8]) -> Result<(), Broken> {
+        self.outlet
+            .write_frame(Framed::data(self.format, bytes).bytes(), true)
+            .await
     }
 
-    async fn send_connection(&mut self, event: ConnectionEvent) -> Result<(), Broken> {
+    async fn send_connection(&self, event: ConnectionEvent) -> Result<(), Broken> {
         let bytes = connection_frame(self.format, self.session_id, event);
         self.send(&bytes).await
     }
 
-    async fn control(&mut self, opcode: OpCode, payload: Vec<u8>) -> Result<(), Broken> {
-        self.write(Frame::new(true, opcode, None, Payload::Owned(payload)))
+    async fn control(&self, opcode: OpCode, payload: Vec<u8>) -> Result<(), Broken> {
+        self.outlet
+            .write_frame(Framed::new(opcode, &payload).bytes(), false)
             .await
     }
 
     /// `connection:error`, then the close frame.
-    async fn close(&mut self, reason: &CloseReason) -> Result<(), Broken> {
+    async fn close(&self, reason: &CloseReason) -> Result<(), Broken> {
         let error = ConnectionEvent::Error {
             code: reason.code().to_owned(),
             message: reason.message(),
@@ -562,7 +509,8 @@ where
         self.send_connection(error).await?;
         let status = reason.status();
         metrics::counter!("pollcast_ws_closes_total", "code" => status.to_string()).increment(1);
-        self.write(Frame::close(status, reason.code().as_bytes()))
-            .await
+        let mut payload = status.to_be_bytes().to_vec();
+        payload.extend_from_slice(reason.code().as_bytes());
+        self.control(OpCode::Close, payload).await
     }
 }

@@ -1,17 +1,59 @@
-//! Frames as bytes: each event encoded at most once per wire format, shared by
-//! every connection that receives it.
+//! Frames as bytes: each event encoded, and framed as a WebSocket message, at most
+//! once per wire format, and the same bytes written to every connection that
+//! receives it (server frames are not masked, so they are identical for all).
 
 use std::sync::{Arc, OnceLock};
 
+use fastwebsockets::{Frame, OpCode, Payload};
 use pollcast_protocol::{ConnectionEvent, Envelope, SessionEvent, Timestamp, WireFormat};
 use uuid::Uuid;
 
-/// A stream event with its encodings, made on first use and then shared.
+/// A whole WebSocket frame, header and payload, as written to the socket.
+pub struct Framed {
+    bytes: Vec<u8>,
+    /// Where the payload starts.
+    head: usize,
+}
+
+impl Framed {
+    /// A final frame of `opcode` carrying `payload`.
+    pub fn new(opcode: OpCode, payload: &[u8]) -> Self {
+        let mut frame = Frame::new(true, opcode, None, Payload::Borrowed(payload));
+        let mut bytes = Vec::new();
+        let len = frame.write(&mut bytes).len();
+        bytes.truncate(len);
+        Self {
+            head: len - payload.len(),
+            bytes,
+        }
+    }
+
+    /// A data frame in `format`: text for JSON, binary for MessagePack.
+    pub fn data(format: WireFormat, payload: &[u8]) -> Self {
+        let opcode = match format {
+            WireFormat::Json => OpCode::Text,
+            WireFormat::MessagePack => OpCode::Binary,
+        };
+        Self::new(opcode, payload)
+    }
+
+    /// The frame as written.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The message inside.
+    pub fn payload(&self) -> &[u8] {
+        &self.bytes[self.head..]
+    }
+}
+
+/// A stream event with its frames, made on first use and then shared.
 pub struct EncodedEvent {
     /// The event.
     pub event: Arc<SessionEvent>,
-    json: OnceLock<Option<Vec<u8>>>,
-    msgpack: OnceLock<Option<Vec<u8>>>,
+    json: OnceLock<Option<Framed>>,
+    msgpack: OnceLock<Option<Framed>>,
 }
 
 impl EncodedEvent {
@@ -27,6 +69,11 @@ impl EncodedEvent {
     /// The envelope in `format`, encoded by the first caller. `None` only if the
     /// event cannot be encoded at all (logged once).
     pub fn bytes(&self, format: WireFormat) -> Option<&[u8]> {
+        self.framed(format).map(Framed::payload)
+    }
+
+    /// The envelope in `format` as a whole WebSocket frame.
+    pub fn framed(&self, format: WireFormat) -> Option<&Framed> {
         let cell = match format {
             WireFormat::Json => &self.json,
             WireFormat::MessagePack => &self.msgpack,
@@ -39,8 +86,9 @@ impl EncodedEvent {
                     tracing::error!(error = %err, position = self.event.position, "event cannot be encoded");
                 })
                 .ok()
+                .map(|payload| Framed::data(format, &payload))
         })
-        .as_deref()
+        .as_ref()
     }
 
     /// Stream position of the event.

@@ -32,6 +32,7 @@ pub mod frame;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod limits;
+pub mod outlet;
 pub mod pager;
 pub mod query;
 mod reader;

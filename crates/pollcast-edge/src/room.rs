@@ -4,16 +4,16 @@
 //! a full send queue marks that connection a slow consumer and removes it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use pollcast_protocol::{SessionEvent, WireFormat};
 use pollcast_stream::{EventStream, StreamError, Subscription};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::frame::EncodedEvent;
+use crate::outlet::{Offered, Outlet};
 use crate::pager::{Page, Pager};
 
 /// First wait before a catch-up that came up short is tried again; it doubles up
@@ -21,10 +21,6 @@ use crate::pager::{Page, Pager};
 const CATCH_UP_RETRY: Duration = Duration::from_millis(20);
 /// Longest wait between catch-up retries.
 const CATCH_UP_RETRY_MAX: Duration = Duration::from_secs(1);
-
-/// What a room puts in a connection's queue: an event, or `None` to say the queue
-/// overflowed and the connection must close as a slow consumer.
-pub type Queued = Option<Arc<EncodedEvent>>;
 
 /// A connection as its room sees it.
 pub struct Member {
@@ -34,57 +30,8 @@ pub struct Member {
     pub participant: Option<Uuid>,
     /// Which encoding it receives.
     pub format: WireFormat,
-    /// Its send queue.
-    pub queue: SendQueue,
-}
-
-/// The sending side of a connection's queue, bounded in bytes.
-#[derive(Clone)]
-pub struct SendQueue {
-    tx: mpsc::UnboundedSender<Queued>,
-    /// Bytes queued and not yet written; the connection subtracts what it writes.
-    pub queued: Arc<AtomicUsize>,
-    /// Set once the queue overflowed; nothing more is queued after that.
-    pub overflowed: Arc<AtomicBool>,
-    limit: usize,
-}
-
-impl SendQueue {
-    /// A queue holding at most `limit` bytes, and its receiving end.
-    pub fn new(limit: usize) -> (Self, mpsc::UnboundedReceiver<Queued>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let queue = Self {
-            tx,
-            queued: Arc::new(AtomicUsize::new(0)),
-            overflowed: Arc::new(AtomicBool::new(false)),
-            limit,
-        };
-        (queue, rx)
-    }
-
-    /// Queues an event of `len` bytes; `false` once the queue has overflowed (the
-    /// room then forgets the connection).
-    fn push(&self, event: &Arc<EncodedEvent>, len: usize) -> bool {
-        if self.overflowed.load(Ordering::Relaxed) {
-            return false;
-        }
-        let queued = self.queued.fetch_add(len, Ordering::Relaxed) + len;
-        if queued > self.limit {
-            self.overflowed.store(true, Ordering::Relaxed);
-            metrics::counter!("pollcast_edge_slow_consumers_total").increment(1);
-            let _ = self.tx.send(None);
-            return false;
-        }
-        self.tx.send(Some(Arc::clone(event))).is_ok()
-    }
-
-    /// Makes the connection close as if it had overflowed: it must reconnect with
-    /// its last event id, and the replay tells it what can still be recovered.
-    fn overflow(&self) {
-        if !self.overflowed.swap(true, Ordering::Relaxed) {
-            let _ = self.tx.send(None);
-        }
-    }
+    /// Its way to the socket.
+    pub outlet: Arc<Outlet>,
 }
 
 /// One session's room on this node.
@@ -109,8 +56,8 @@ impl Room {
             if !audience.includes(member.presenter, member.participant) {
                 return true;
             }
-            match encoded.bytes(member.format) {
-                Some(bytes) => member.queue.push(&encoded, bytes.len()),
+            match encoded.framed(member.format) {
+                Some(frame) => member.outlet.offer(&encoded, frame.bytes()) == Offered::Taken,
                 None => true,
             }
         });
@@ -157,12 +104,17 @@ impl Rooms {
                     members: Mutex::new(HashMap::new()),
                     stop: Notify::new(),
                 });
-                tokio::spawn(run(
+                // Outside tokio's cooperative budget: a dispatch writes to every
+                // member's socket, and past the budget (128 I/O polls per turn)
+                // tokio would answer "not ready" to all the rest, queueing them
+                // for their tasks. A dispatch is bounded by the room's size and
+                // the task awaits its subscription between events.
+                tokio::spawn(tokio::task::unconstrained(run(
                     Arc::clone(&room),
                     live,
                     Arc::clone(&self.stream),
                     newest,
-                ));
+                )));
                 rooms.insert(session_id, Arc::clone(&room));
                 metrics::gauge!("pollcast_ws_rooms").increment(1.0);
                 room
@@ -268,7 +220,7 @@ async fn catch_up(
                 // id, and the replay tells them `recovered: false`.
                 tracing::warn!(session = %room.session_id, after = *last, "room fell behind the history window");
                 for member in room.members().values() {
-                    member.queue.overflow();
+                    member.outlet.overflow();
                 }
                 *last = newest;
                 return Ok(());
@@ -283,6 +235,9 @@ mod tests {
 
     use pollcast_protocol::{DomainEvent, Timestamp};
     use pollcast_stream::EmbeddedStream;
+    use tokio::sync::mpsc;
+
+    use crate::outlet::Queued;
 
     use super::*;
 
@@ -298,22 +253,29 @@ mod tests {
         }
     }
 
+    /// A presenter whose task never went live, so everything is queued.
     fn presenter(format: WireFormat, limit: usize) -> (Member, mpsc::UnboundedReceiver<Queued>) {
-        let (queue, rx) = SendQueue::new(limit);
+        let sink = Box::new(tokio::io::sink());
+        let (outlet, rx) = Outlet::new(sink, "json", limit, Duration::from_secs(1));
         let member = Member {
             presenter: true,
             participant: None,
             format,
-            queue,
+            outlet,
         };
         (member, rx)
     }
 
-    async fn received(rx: &mut mpsc::UnboundedReceiver<Queued>) -> Queued {
-        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+    /// The next queued event; `None` for the overflow marker.
+    async fn received(rx: &mut mpsc::UnboundedReceiver<Queued>) -> Option<Arc<EncodedEvent>> {
+        let queued = tokio::time::timeout(Duration::from_secs(5), rx.recv())
             .await
             .expect("queued in time")
-            .expect("queue open")
+            .expect("queue open");
+        match queued {
+            Queued::Event(event) | Queued::Rest(event, _) => Some(event),
+            Queued::Overflowed => None,
+        }
     }
 
     /// An embedded stream holding one event of a new session, and its rooms.
@@ -371,7 +333,7 @@ mod tests {
     async fn an_overflowing_member_is_dropped_and_the_others_go_on() {
         let (stream, rooms, session) = session_with_one_event().await;
         let (slow, mut slow_rx) = presenter(WireFormat::Json, 300);
-        let overflowed = Arc::clone(&slow.queue.overflowed);
+        let slow_outlet = Arc::clone(&slow.outlet);
         let (fast, mut fast_rx) = presenter(WireFormat::Json, 1 << 20);
         rooms
             .join(session, Uuid::now_v7(), slow)
@@ -391,7 +353,7 @@ mod tests {
             let frame = received(&mut fast_rx).await.expect("event");
             assert_eq!(frame.position(), position);
         }
-        assert!(overflowed.load(Ordering::Relaxed));
+        assert!(slow_outlet.overflowed());
         let mut slow_got = 0;
         // Events until the overflow marker (`None`).
         while received(&mut slow_rx).await.is_some() {

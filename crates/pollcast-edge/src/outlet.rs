@@ -1,0 +1,354 @@
+//! A connection's way to its socket, shared by the connection's task and its room.
+//!
+//! A live, caught-up connection with nothing queued is written to by the room
+//! itself: one non-blocking write of the event's shared frame bytes, no task woken.
+//! When that cannot be done whole (the connection is replaying, something is
+//! queued, its task is writing, or the socket's buffer is full), the event goes
+//! to the connection's queue and its task writes it, in order. The queue is
+//! bounded in bytes: past the limit the connection is a slow consumer.
+//!
+//! Ordering rests on two rules: the room writes only while holding the sink's
+//! lock and seeing nothing queued, and the task takes bytes off the queue's count
+//! only after writing them, under the same lock.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use metrics::{Counter, Histogram};
+use pollcast_protocol::{SessionEvent, Timestamp, WireFormat};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::frame::EncodedEvent;
+
+/// What a room puts in a connection's queue.
+pub enum Queued {
+    /// An event for the task to write (unless a replay already did).
+    Event(Arc<EncodedEvent>),
+    /// An event the room began writing: the task writes the rest of its frame,
+    /// from this offset, before anything else.
+    Rest(Arc<EncodedEvent>, usize),
+    /// The queue overflowed: close as a slow consumer.
+    Overflowed,
+}
+
+/// The socket's write side and what is recorded per write.
+pub struct Sink {
+    io: Box<dyn AsyncWrite + Send + Unpin>,
+    frames: Counter,
+    /// `pollcast_event_delivery_seconds` by event type, looked up on first use: a
+    /// delivered frame then costs one atomic push, not a registry lookup.
+    delivery: Vec<(&'static str, Histogram)>,
+}
+
+impl Sink {
+    fn delivered(&mut self, event: &SessionEvent) {
+        self.frames.increment(1);
+        let event_type = event.event.event_type();
+        let position = self.delivery.iter().position(|(t, _)| *t == event_type);
+        let index = position.unwrap_or_else(|| {
+            let histogram =
+                metrics::histogram!("pollcast_event_delivery_seconds", "event_type" => event_type);
+            self.delivery.push((event_type, histogram));
+            self.delivery.len() - 1
+        });
+        let lag = Timestamp::now().unix_millis() - event.timestamp.unix_millis();
+        self.delivery[index].1.record(lag.max(0) as f64 / 1000.0);
+    }
+}
+
+/// The socket broke or a write timed out; the connection is over.
+#[derive(Debug)]
+pub struct Broken;
+
+/// A connection's outlet; see the module documentation.
+pub struct Outlet {
+    sink: tokio::sync::Mutex<Sink>,
+    /// The connection is live (not replaying, not closing): the room may write.
+    direct: AtomicBool,
+    /// Newest stream position passed on: written, or skipped as not for this
+    /// client. Live events at or before it are repeats of a replay.
+    last: AtomicU64,
+    /// Bytes queued and not yet written.
+    queued: AtomicUsize,
+    overflowed: AtomicBool,
+    limit: usize,
+    tx: mpsc::UnboundedSender<Queued>,
+    write_timeout: Duration,
+}
+
+/// What [`Outlet::offer`] did with an event.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Offered {
+    /// Written to the socket, or queued for the task.
+    Taken,
+    /// The queue overflowed: the room forgets the connection.
+    Overflowed,
+}
+
+impl Outlet {
+    /// An outlet writing to `io`, queueing at most `limit` bytes, labelling its
+    /// frames with `format`; and the queue's receiving end for the task.
+    pub fn new(
+        io: Box<dyn AsyncWrite + Send + Unpin>,
+        format: &'static str,
+        limit: usize,
+        write_timeout: Duration,
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<Queued>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let sink = Sink {
+            io,
+            frames: metrics::counter!("pollcast_ws_frames_sent_total", "format" => format),
+            delivery: Vec::new(),
+        };
+        let outlet = Self {
+            sink: tokio::sync::Mutex::new(sink),
+            direct: AtomicBool::new(false),
+            last: AtomicU64::new(0),
+            queued: AtomicUsize::new(0),
+            overflowed: AtomicBool::new(false),
+            limit,
+            tx,
+            write_timeout,
+        };
+        (Arc::new(outlet), rx)
+    }
+
+    /// Whether the queue has overflowed.
+    pub fn overflowed(&self) -> bool {
+        self.overflowed.load(Ordering::Relaxed)
+    }
+
+    /// The newest position passed on.
+    pub fn last(&self) -> u64 {
+        self.last.load(Ordering::Acquire)
+    }
+
+    /// Sets the newest position passed on (the task, while the room stays out).
+    pub fn set_last(&self, position: u64) {
+        self.last.store(position, Ordering::Release);
+    }
+
+    /// Hands an event of the room to this connection: written at once when the
+    /// connection is live and idle, else queued.
+    pub fn offer(&self, event: &Arc<EncodedEvent>, frame: &[u8]) -> Offered {
+        if self.overflowed() {
+            return Offered::Overflowed;
+        }
+        if self.direct.load(Ordering::Acquire)
+            && self.queued.load(Ordering::Acquire) == 0
+            && let Ok(mut sink) = self.sink.try_lock()
+            // Checked again under the lock: the task may have gone to replay.
+            && self.direct.load(Ordering::Acquire)
+            && self.queued.load(Ordering::Acquire) == 0
+        {
+            let position = event.position();
+            if position <= self.last() {
+                return Offered::Taken;
+            }
+            // One try, never a wait: a no-op waker, because the task is idle
+            // (nothing queued) and will register its own when it next writes.
+            let mut cx = Context::from_waker(Waker::noop());
+            let written = match Pin::new(&mut sink.io).poll_write(&mut cx, frame) {
+                Poll::Ready(Ok(n)) => n,
+                // Full (or broken: the task will find out when it writes).
+                Poll::Ready(Err(_)) | Poll::Pending => 0,
+            };
+            if written == frame.len() {
+                self.set_last(position);
+                sink.delivered(&event.event);
+                return Offered::Taken;
+            }
+            if written > 0 {
+                self.set_last(position);
+                return self.push(
+                    Queued::Rest(Arc::clone(event), written),
+                    frame.len() - written,
+                );
+            }
+        }
+        self.push(Queued::Event(Arc::clone(event)), frame.len())
+    }
+
+    /// Queues, counting `len` bytes against the limit.
+    fn push(&self, item: Queued, len: usize) -> Offered {
+        let queued = self.queued.fetch_add(len, Ordering::AcqRel) + len;
+        if queued > self.limit {
+            self.overflow();
+            metrics::counter!("pollcast_edge_slow_consumers_total").increment(1);
+            return Offered::Overflowed;
+        }
+        if self.tx.send(item).is_err() {
+            return Offered::Overflowed;
+        }
+        Offered::Taken
+    }
+
+    /// Makes the connection close as if it had overflowed: it must reconnect with
+    /// its last event id, and the replay tells it what can still be recovered.
+    pub fn overflow(&self) {
+        if !self.overflowed.swap(true, Ordering::AcqRel) {
+            let _ = self.tx.send(Queued::Overflowed);
+        }
+    }
+
+    /// Lets the room write directly (`true`: the task is live) or not (`false`:
+    /// it replays or closes). Taken under the lock, so a direct write in
+    /// progress finishes first.
+    pub async fn set_direct(&self, direct: bool) {
+        let _sink = self.sink.lock().await;
+        self.direct.store(direct, Ordering::Release);
+    }
+
+    /// Writes a queued item (the task): an event unless a replay already sent it,
+    /// or the rest of one the room began.
+    pub async fn write_queued(&self, item: &Queued, format: WireFormat) -> Result<(), Broken> {
+        let (event, from) = match item {
+            Queued::Event(event) => (event, 0),
+            Queued::Rest(event, from) => (event, *from),
+            Queued::Overflowed => return Ok(()),
+        };
+        let Some(frame) = event.framed(format) else {
+            return Ok(());
+        };
+        let rest = &frame.bytes()[from..];
+        let mut sink = self.sink.lock().await;
+        let repeat = from == 0 && event.position() <= self.last();
+        let result = if repeat {
+            Ok(())
+        } else {
+            self.set_last(self.last().max(event.position()));
+            self.write_all(&mut sink, rest).await
+        };
+        if result.is_ok() && !repeat {
+            sink.delivered(&event.event);
+        }
+        // Only now, under the lock: the room must not write past bytes still owed.
+        self.queued.fetch_sub(rest.len(), Ordering::AcqRel);
+        result
+    }
+
+    /// Writes one whole frame the task made (connection frames, replayed events,
+    /// control frames). `data` frames count in `pollcast_ws_frames_sent_total`.
+    pub async fn write_frame(&self, frame: &[u8], data: bool) -> Result<(), Broken> {
+        let mut sink = self.sink.lock().await;
+        self.write_all(&mut sink, frame).await?;
+        if data {
+            sink.frames.increment(1);
+        }
+        Ok(())
+    }
+
+    async fn write_all(&self, sink: &mut Sink, bytes: &[u8]) -> Result<(), Broken> {
+        let write = async {
+            sink.io.write_all(bytes).await?;
+            sink.io.flush().await
+        };
+        match tokio::time::timeout(self.write_timeout, write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => {
+                tracing::debug!(error = %err, "write failed");
+                Err(Broken)
+            }
+            Err(_) => {
+                metrics::counter!("pollcast_edge_write_timeouts_total").increment(1);
+                Err(Broken)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use pollcast_protocol::DomainEvent;
+    use tokio::io::AsyncReadExt;
+    use uuid::Uuid;
+
+    use super::*;
+
+    fn event(session: Uuid, position: u64) -> Arc<EncodedEvent> {
+        Arc::new(EncodedEvent::new(Arc::new(SessionEvent {
+            session_id: session,
+            position,
+            timestamp: Timestamp::now(),
+            event: DomainEvent::ParticipantDisconnected {
+                participant_id: Uuid::now_v7(),
+                display_name: format!("participant number {position}"),
+            },
+        })))
+    }
+
+    /// A socket that takes a few hundred bytes at a time makes the room's writes
+    /// partial or impossible, and the task's writes wait: the bytes that come out
+    /// are still every frame, whole, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn frames_arrive_whole_and_in_order_whoever_writes_them() {
+        let (mut client, server) = tokio::io::duplex(300);
+        let (outlet, mut queue) =
+            Outlet::new(Box::new(server), "json", 1 << 20, Duration::from_secs(5));
+        outlet.set_direct(true).await;
+        let task_outlet = Arc::clone(&outlet);
+        let task = tokio::spawn(async move {
+            while let Some(item) = queue.recv().await {
+                task_outlet
+                    .write_queued(&item, WireFormat::Json)
+                    .await
+                    .expect("write");
+            }
+        });
+        let session = Uuid::now_v7();
+        let events: Vec<_> = (1..=200).map(|p| event(session, p)).collect();
+        let mut expected = Vec::new();
+        for event in &events {
+            expected.extend_from_slice(event.framed(WireFormat::Json).expect("frame").bytes());
+        }
+        // The client reads nothing yet: the first frame goes straight in, the
+        // second only partly (the rest is queued), and the task's write of that
+        // rest waits, so everything after is queued behind it.
+        for event in &events {
+            let frame = event.framed(WireFormat::Json).expect("frame").bytes();
+            assert_eq!(outlet.offer(event, frame), Offered::Taken);
+            tokio::task::yield_now().await;
+        }
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; expected.len()];
+            client.read_exact(&mut got).await.expect("every byte");
+            (got, expected)
+        });
+        let (got, expected) = tokio::time::timeout(Duration::from_secs(10), reader)
+            .await
+            .expect("all bytes in time")
+            .expect("reader");
+        assert!(got == expected, "frames reordered or torn");
+        assert_eq!(outlet.last(), 200);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_queue_past_its_limit_overflows_once() {
+        let (_client, server) = tokio::io::duplex(64);
+        let (outlet, mut queue) =
+            Outlet::new(Box::new(server), "json", 500, Duration::from_secs(5));
+        let session = Uuid::now_v7();
+        let mut results = Vec::new();
+        for position in 1..=20 {
+            let event = event(session, position);
+            let frame = event
+                .framed(WireFormat::Json)
+                .expect("frame")
+                .bytes()
+                .to_vec();
+            results.push(outlet.offer(&event, &frame));
+        }
+        assert!(results.contains(&Offered::Overflowed));
+        assert!(outlet.overflowed());
+        let mut markers = 0;
+        while let Ok(item) = queue.try_recv() {
+            markers += usize::from(matches!(item, Queued::Overflowed));
+        }
+        assert_eq!(markers, 1, "one overflow marker");
+    }
+}
