@@ -21,6 +21,9 @@ use crate::pager::{Page, Pager};
 const CATCH_UP_RETRY: Duration = Duration::from_millis(20);
 /// Longest wait between catch-up retries.
 const CATCH_UP_RETRY_MAX: Duration = Duration::from_secs(1);
+/// Members from which a dispatch (one socket write each) hands the worker's other
+/// tasks to another thread first; below it, the hand-off costs more than it saves.
+const LARGE_ROOM: usize = 256;
 
 /// A connection as its room sees it.
 pub struct Member {
@@ -47,8 +50,22 @@ impl Room {
         self.members.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Hands one event to every member allowed to see it.
+    /// Hands one event to every member allowed to see it. In a large room that is
+    /// thousands of socket writes in a row: the worker thread says so to tokio
+    /// (`block_in_place`), which moves its other tasks to another thread instead
+    /// of letting them wait behind the fan-out.
     fn dispatch(&self, event: Arc<SessionEvent>) {
+        let large = self.members().len() >= LARGE_ROOM;
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if large && multi_thread {
+            tokio::task::block_in_place(|| self.dispatch_now(event));
+        } else {
+            self.dispatch_now(event);
+        }
+    }
+
+    fn dispatch_now(&self, event: Arc<SessionEvent>) {
         let audience = event.event.audience();
         let encoded = Arc::new(EncodedEvent::new(event));
         let started = std::time::Instant::now();
