@@ -147,6 +147,7 @@ impl Client {
         let mut last_position = 0u64;
         let mut last_id: Option<String> = None;
         let mut replaying = false;
+        let mut ended = false;
         let mut storm_started: Option<Instant> = None;
         // Until the storm, or until the generator says there will be none.
         let mut watching = true;
@@ -188,6 +189,9 @@ impl Client {
                     replaying = false;
                     seen.recovery = storm_started.map(|t| t.elapsed());
                     seen.recovered = head.payload.and_then(|p| p.recovered);
+                    if ended {
+                        return seen;
+                    }
                 }
                 (None, _) => {}
                 (Some(id), event_type) => {
@@ -210,8 +214,13 @@ impl Client {
                         seen.latencies_us
                             .push(u32::try_from(lag_ms.max(0) * 1000).unwrap_or(u32::MAX));
                     }
+                    // A replay can hold the session's end when the reconnect came
+                    // late; the run ends for this client after `connection:reconnected`.
                     if event_type == "session:ended" {
-                        return seen;
+                        ended = true;
+                        if !replaying {
+                            return seen;
+                        }
                     }
                 }
             }

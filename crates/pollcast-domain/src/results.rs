@@ -68,6 +68,26 @@ pub const AUDIT_QUIET: Duration = Duration::from_secs(1);
 /// `results:updated` rows of a session searched, newest first, for a poll's last.
 const AUDIT_SCAN: u64 = 256;
 
+/// Sessions up to this many participants get `results:updated` at the configured
+/// interval; larger ones proportionally less often, up to [`STRETCHED_INTERVAL`].
+pub const AUDIENCE_AT_BASE_INTERVAL: u64 = 2000;
+/// Longest coalescing interval: within the contract's 100 ms from a vote to the
+/// results that cover it, with room for commit and delivery.
+pub const STRETCHED_INTERVAL: Duration = Duration::from_millis(90);
+
+/// How long a poll's votes coalesce. Every `results:updated` goes to every member
+/// of the room: at 10 000 participants, 20 a second would be 200 000 frames a
+/// second, a 2-core node's whole capacity. Stretching the interval with the
+/// audience keeps the fan-out's cost flat past 2 000 participants, never beyond
+/// the contract's bound. An interval configured above the stretch limit is kept.
+pub(crate) fn coalescing_interval(base: Duration, audience: u64) -> Duration {
+    if audience <= AUDIENCE_AT_BASE_INTERVAL {
+        return base;
+    }
+    let factor = audience as f64 / AUDIENCE_AT_BASE_INTERVAL as f64;
+    base.mul_f64(factor).min(STRETCHED_INTERVAL.max(base))
+}
+
 /// Polls that have a `results:updated` scheduled. At most one is pending per poll:
 /// votes arriving meanwhile are covered by it.
 #[derive(Default)]
@@ -89,15 +109,17 @@ impl Domain {
         tally(self.db(), &poll).await
     }
 
-    /// Schedules a `results:updated` for the poll unless one is already pending.
-    pub(crate) fn vote_committed(&self, session_id: Uuid, poll_id: Uuid) {
+    /// Schedules a `results:updated` for the poll unless one is already pending;
+    /// `audience` is the session's participant count.
+    pub(crate) fn vote_committed(&self, session_id: Uuid, poll_id: Uuid, audience: u64) {
         if !self.inner.results.pending().insert(poll_id) {
             return;
         }
         let domain = self.clone();
         let armed = Instant::now();
         tokio::spawn(async move {
-            tokio::time::sleep(domain.inner.config.results_interval).await;
+            let interval = coalescing_interval(domain.inner.config.results_interval, audience);
+            tokio::time::sleep(interval).await;
             // Cleared before counting: a vote committed from here on schedules the
             // next update, so no vote is left uncovered.
             domain.inner.results.pending().remove(&poll_id);
@@ -206,5 +228,30 @@ impl Domain {
             }
         }
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_and_mid_sized_sessions_keep_the_configured_interval() {
+        let base = Duration::from_millis(50);
+        for audience in [0, 1, 500, AUDIENCE_AT_BASE_INTERVAL] {
+            assert_eq!(coalescing_interval(base, audience), base);
+        }
+    }
+
+    #[test]
+    fn large_sessions_stretch_it_up_to_the_contracts_bound() {
+        let base = Duration::from_millis(50);
+        assert_eq!(coalescing_interval(base, 3000), Duration::from_millis(75));
+        assert_eq!(coalescing_interval(base, 10_000), STRETCHED_INTERVAL);
+        assert_eq!(coalescing_interval(base, u64::MAX), STRETCHED_INTERVAL);
+        // An operator's longer interval is theirs to keep.
+        let slow = Duration::from_millis(90);
+        assert_eq!(coalescing_interval(slow, 10_000), slow);
+        assert!(STRETCHED_INTERVAL < Duration::from_millis(100));
     }
 }

@@ -159,12 +159,12 @@ impl Domain {
         let (ballots, answers): (Vec<Ballot>, Vec<_>) =
             batch.into_iter().map(|p| (p.ballot, p.answer)).unzip();
         match self.write_batch(session_id, &ballots).await {
-            Ok((outcomes, accepted_polls)) => {
+            Ok((outcomes, accepted_polls, audience)) => {
                 for (answer, outcome) in answers.into_iter().zip(outcomes) {
                     let _ = answer.send(outcome);
                 }
                 for poll_id in accepted_polls {
-                    self.vote_committed(session_id, poll_id);
+                    self.vote_committed(session_id, poll_id, audience);
                 }
             }
             Err(err) if ballots.len() > 1 => {
@@ -176,9 +176,9 @@ impl Domain {
                         .write_batch(session_id, std::slice::from_ref(ballot))
                         .await
                     {
-                        Ok((mut outcomes, accepted_polls)) => {
+                        Ok((mut outcomes, accepted_polls, audience)) => {
                             for poll_id in accepted_polls {
-                                self.vote_committed(session_id, poll_id);
+                                self.vote_committed(session_id, poll_id, audience);
                             }
                             outcomes
                                 .pop()
@@ -204,7 +204,7 @@ impl Domain {
         &self,
         session_id: Uuid,
         ballots: &[Ballot],
-    ) -> DomainResult<(Vec<DomainResult<Vote>>, HashSet<Uuid>)> {
+    ) -> DomainResult<(Vec<DomainResult<Vote>>, HashSet<Uuid>, u64)> {
         let mut tx = SessionTx::begin(self, session_id).await?;
         let polls: HashSet<Uuid> = ballots.iter().map(|b| b.poll_id).collect();
         let active: HashSet<Uuid> = poll::Entity::find()
@@ -287,6 +287,8 @@ impl Domain {
             }
             outcomes.push(answer.into_result());
         }
+        // The session's participants, for how widely its results fan out.
+        let audience = u64::try_from(tx.session.participant_count).unwrap_or(0);
         tx.commit(self).await?;
         // Counted once committed: a batch that fails is retried vote by vote, and
         // its answers must not count twice.
@@ -299,7 +301,7 @@ impl Domain {
             };
             metrics::counter!("pollcast_votes_total", "outcome" => label).increment(1);
         }
-        Ok((outcomes, accepted_polls))
+        Ok((outcomes, accepted_polls, audience))
     }
 }
 
