@@ -316,6 +316,10 @@ impl Connection<'_> {
                 },
                 queued = self.live.recv() => match queued {
                     Some(Queued::Overflowed) => return End::Close(CloseReason::SlowConsumer),
+                    // A frame the room began is finished whatever else happens.
+                    Some(rest @ Queued::Rest(..)) => {
+                        self.out.outlet.write_queued(&rest, self.out.format).await
+                    }
                     Some(_) if self.out.outlet.overflowed() => {
                         return End::Close(CloseReason::SlowConsumer);
                     }

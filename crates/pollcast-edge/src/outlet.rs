@@ -164,10 +164,12 @@ impl Outlet {
             }
             if written > 0 {
                 self.set_last(position);
-                return self.push(
-                    Queued::Rest(Arc::clone(event), written),
-                    frame.len() - written,
-                );
+                // The rest of a begun frame is owed whatever the limit: a torn
+                // frame would break the stream for good.
+                self.queued
+                    .fetch_add(frame.len() - written, Ordering::AcqRel);
+                let _ = self.tx.send(Queued::Rest(Arc::clone(event), written));
+                return Offered::Taken;
             }
         }
         self.push(Queued::Event(Arc::clone(event)), frame.len())
@@ -325,6 +327,44 @@ mod tests {
         assert!(got == expected, "frames reordered or torn");
         assert_eq!(outlet.last(), 200);
         task.abort();
+    }
+
+    /// A frame the room began is finished even when its rest alone is over the
+    /// queue's limit: the client gets it whole before the slow-consumer close.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_begun_frame_is_finished_whatever_the_limit() {
+        let (mut client, server) = tokio::io::duplex(100);
+        let (outlet, mut queue) = Outlet::new(Box::new(server), "json", 50, Duration::from_secs(5));
+        outlet.set_direct(true).await;
+        let session = Uuid::now_v7();
+        let first = event(session, 1);
+        let bytes = first
+            .framed(WireFormat::Json)
+            .expect("frame")
+            .bytes()
+            .to_vec();
+        assert!(bytes.len() > 150, "the frame must outgrow socket and limit");
+        assert_eq!(outlet.offer(&first, &bytes), Offered::Taken);
+        let second = event(session, 2);
+        let frame = second
+            .framed(WireFormat::Json)
+            .expect("frame")
+            .bytes()
+            .to_vec();
+        assert_eq!(outlet.offer(&second, &frame), Offered::Overflowed);
+        let rest = queue.recv().await.expect("the rest is queued");
+        assert!(matches!(rest, Queued::Rest(_, 100)));
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; bytes.len()];
+            client.read_exact(&mut got).await.expect("the whole frame");
+            (got, bytes)
+        });
+        outlet
+            .write_queued(&rest, WireFormat::Json)
+            .await
+            .expect("write the rest");
+        let (got, bytes) = reader.await.expect("reader");
+        assert!(got == bytes, "the frame arrived torn");
     }
 
     #[tokio::test]
