@@ -143,6 +143,11 @@ pub struct ServeArgs {
     /// `--nats-url`: separate processes share the JetStream engine.
     #[arg(long, env = "POLLCAST_ROLE", value_enum, default_value_t = Role::All)]
     pub role: Role,
+    /// The region this node serves (`eu-west`, say): every metric carries it as
+    /// a `region` label, so dashboards and alerts can tell regions apart. Unset:
+    /// no label.
+    #[arg(long, env = "POLLCAST_REGION", value_parser = parse_region)]
+    pub region: Option<String>,
     /// State.
     #[command(flatten)]
     pub store: StoreArgs,
@@ -390,4 +395,18 @@ fn stored_secret(data_dir: &Path, generate: bool) -> anyhow::Result<Vec<u8>> {
         .with_context(|| format!("creating {}", path.display()))?;
     file.write_all(secret.as_bytes())?;
     Ok(secret.into_bytes())
+}
+
+/// A region name: what a Prometheus label value and a NATS name can both carry.
+fn parse_region(raw: &str) -> Result<String, String> {
+    let ok = !raw.is_empty()
+        && raw.len() <= 64
+        && raw
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(raw.to_owned())
+    } else {
+        Err("1-64 letters, digits, '-' or '_'".into())
+    }
 }

@@ -28,7 +28,8 @@ async fn main() -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     args.validate()?;
-    let metrics = pollcast::telemetry::install().context("installing the metrics recorder")?;
+    let metrics = pollcast::telemetry::install(args.region.as_deref())
+        .context("installing the metrics recorder")?;
     tokio::spawn(pollcast::telemetry::upkeep(metrics.clone()));
     let keys = TokenKeys::new(&args.secret()?, args.token_lifetime());
     let stream_config = args.stream.stream_config(args.role != Role::Edge);

@@ -146,10 +146,15 @@ pub const GAUGES: [(&str, &str); 3] = [
     ),
 ];
 
-/// Installs the process-wide recorder and registers every metric. Call it once,
-/// before anything records, and run [`upkeep`] beside it.
-pub fn install() -> Result<PrometheusHandle, BuildError> {
-    let handle = PrometheusBuilder::new()
+/// Installs the process-wide recorder and registers every metric, labelled with
+/// `region` when one is given. Call it once, before anything records, and run
+/// [`upkeep`] beside it.
+pub fn install(region: Option<&str>) -> Result<PrometheusHandle, BuildError> {
+    let mut builder = PrometheusBuilder::new();
+    if let Some(region) = region {
+        builder = builder.add_global_label("region", region);
+    }
+    let handle = builder
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)?
         .set_buckets_for_metric(
             Matcher::Full("pollcast_vote_batch_size".into()),

@@ -175,3 +175,42 @@ async fn every_metric_is_described_from_the_start_and_moves_with_what_it_counts(
     })
     .await;
 }
+
+/// `--region` labels every series, so one dashboard tells the regions apart.
+#[tokio::test]
+async fn a_region_labels_every_series() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data_dir = dir.path().display().to_string();
+    let server = Pollcast::serve(BIN, &["--data-dir", &data_dir, "--region", "eu-west"], &[]).await;
+    let text = scrape(&server).await;
+    let samples: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .collect();
+    assert!(samples.len() > 50, "too few series: {}", samples.len());
+    for line in samples {
+        assert!(line.contains("region=\"eu-west\""), "unlabelled: {line}");
+    }
+    let bucket = [
+        ("event_type", "poll:activated"),
+        ("le", "0.1"),
+        ("region", "eu-west"),
+    ];
+    assert_eq!(
+        sample(&text, "pollcast_event_delivery_seconds_bucket", &bucket),
+        Some(0.0)
+    );
+}
+
+/// A region name that could not be a label value is refused at start, saying why.
+#[test]
+fn a_malformed_region_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data_dir = dir.path().display().to_string();
+    let (status, output) = pollcast_tests::process::run(
+        BIN,
+        &["serve", "--data-dir", &data_dir, "--region", "eu west\""],
+    );
+    assert!(!status.success());
+    assert!(output.contains("--region"), "{output}");
+}
