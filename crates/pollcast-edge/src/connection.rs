@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fastwebsockets::{OpCode, Role as WsRole, WebSocket};
+use fastwebsockets::{Frame, OpCode, Role as WsRole, WebSocket};
 use pollcast_protocol::token::Claims;
 use pollcast_protocol::{
     ConnectionEvent, EventId, PresenceKind, PresenceSignal, Role, SessionEvent, Timestamp,
@@ -513,8 +513,7 @@ impl Writer {
         self.send_connection(error).await?;
         let status = reason.status();
         metrics::counter!("pollcast_ws_closes_total", "code" => status.to_string()).increment(1);
-        let mut payload = status.to_be_bytes().to_vec();
-        payload.extend_from_slice(reason.code().as_bytes());
-        self.control(OpCode::Close, payload).await
+        let close = Framed::of(Frame::close(status, reason.code().as_bytes()));
+        self.outlet.write_frame(close.bytes(), false).await
     }
 }

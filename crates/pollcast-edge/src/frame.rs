@@ -18,12 +18,17 @@ pub struct Framed {
 impl Framed {
     /// A final frame of `opcode` carrying `payload`.
     pub fn new(opcode: OpCode, payload: &[u8]) -> Self {
-        let mut frame = Frame::new(true, opcode, None, Payload::Borrowed(payload));
+        Self::of(Frame::new(true, opcode, None, Payload::Borrowed(payload)))
+    }
+
+    /// The bytes of a frame fastwebsockets built (a close frame, say).
+    pub fn of(mut frame: Frame<'_>) -> Self {
+        let payload_len = frame.payload.len();
         let mut bytes = Vec::new();
         let len = frame.write(&mut bytes).len();
         bytes.truncate(len);
         Self {
-            head: len - payload.len(),
+            head: len - payload_len,
             bytes,
         }
     }
