@@ -21,8 +21,8 @@ fn every_config_under_nats_passes_nats_server_t() {
     let mut found = Vec::new();
     configs(&root, &mut found);
     assert!(
-        found.len() >= 4,
-        "dev.conf and three cluster nodes: {found:?}"
+        found.len() >= 7,
+        "dev.conf, three cluster nodes, three regions: {found:?}"
     );
     for config in found {
         let output = Command::new(pollcast_tests::nats::binary())

@@ -4,9 +4,11 @@
 //! be switched off to simulate an outage.
 
 pub mod client;
+pub mod frames;
 pub mod nats;
 pub mod postgres;
 pub mod process;
+pub mod proxy;
 pub mod server;
 pub mod stream;
 pub mod ws;

@@ -1,6 +1,7 @@
-//! Real nats-server processes for tests: standalone servers and three-node JetStream
-//! clusters on free loopback ports, each with its own store in a temporary
-//! directory.
+//! Real nats-server processes for tests: standalone servers, three-node JetStream
+//! clusters, and super-clusters of single-server regions joined by gateways
+//! (through delaying proxies), on free loopback ports, each with its own store in
+//! a temporary directory.
 //!
 //! Every server runs under a small shell that waits on a pipe from this process
 //! (the same trick as the PostgreSQL harness): when the [`NatsServer`] is dropped,
@@ -19,6 +20,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
+
+use crate::proxy::DelayProxy;
 
 /// One nats-server with JetStream.
 pub struct NatsServer {
@@ -234,6 +237,112 @@ impl NatsCluster {
     /// Every node's URL.
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(NatsServer::url).collect()
+    }
+}
+
+/// Regions of one server each, joined by gateways into one JetStream
+/// super-cluster. Every region's gateway listener sits behind a [`DelayProxy`],
+/// so each gateway link costs the proxy's delay each way, and a region's inbound
+/// links can be cut.
+pub struct NatsSuperCluster {
+    /// Region names, in the order of `servers`.
+    pub regions: Vec<String>,
+    /// One server per region; its NATS cluster is named after the region.
+    pub servers: Vec<NatsServer>,
+    /// The proxy in front of each region's gateway listener.
+    pub gateways: Vec<DelayProxy>,
+}
+
+impl NatsSuperCluster {
+    /// Starts one server per region. The JetStream meta leader (a majority of
+    /// all regions) is elected a few seconds later; pollcast waits for it.
+    pub fn start(regions: &[&str], gateway_delay: Duration) -> NatsSuperCluster {
+        let tmp = tempfile::Builder::new()
+            .prefix("pollcast-nats-super-")
+            .tempdir()
+            .expect("temp dir");
+        let base = tmp.path().to_path_buf();
+        let mut tmp = Some(tmp);
+        let ports: Vec<(u16, u16, u16)> = regions
+            .iter()
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
+        let gateways: Vec<DelayProxy> = ports
+            .iter()
+            .map(|&(_, _, gateway)| {
+                DelayProxy::start(([127, 0, 0, 1], gateway).into(), gateway_delay)
+            })
+            .collect();
+        let remotes: Vec<String> = regions
+            .iter()
+            .zip(&gateways)
+            .map(|(name, proxy)| {
+                format!(
+                    "{{ name: {name}, url: \"nats://127.0.0.1:{}\" }}",
+                    proxy.port()
+                )
+            })
+            .collect();
+        let mut servers = Vec::new();
+        for (i, (region, (port, route, gateway))) in regions.iter().zip(&ports).enumerate() {
+            let dir = base.join(region);
+            std::fs::create_dir_all(&dir).expect("region dir");
+            let config = dir.join("server.conf");
+            // A route to itself: a one-server cluster still needs "configured
+            // routes" for clustered JetStream. Gateways advertise their proxy,
+            // so no server learns a way around it.
+            let text = format!(
+                "server_name: {region}\nlisten: 127.0.0.1:{port}\n\
+                 jetstream {{ store_dir: \"{store}\" }}\n\
+                 cluster {{ name: {region}, listen: 127.0.0.1:{route}, \
+                 routes: [\"nats-route://127.0.0.1:{route}\"] }}\n\
+                 gateway {{ name: {region}, listen: 127.0.0.1:{gateway}, \
+                 advertise: \"127.0.0.1:{proxy}\", gateways: [{remotes}] }}\n",
+                store = dir.join("store").display(),
+                proxy = gateways[i].port(),
+                remotes = remotes.join(", "),
+            );
+            write_file(&config, &text);
+            let mut server = NatsServer {
+                port: *port,
+                args: vec!["-c".into(), config.display().to_string()],
+                dir,
+                keeper: None,
+                pid: None,
+                _tmp: if i == 0 { tmp.take() } else { None },
+            };
+            server.start_again();
+            servers.push(server);
+        }
+        NatsSuperCluster {
+            regions: regions.iter().map(|r| (*r).to_owned()).collect(),
+            servers,
+            gateways,
+        }
+    }
+
+    fn index(&self, region: &str) -> usize {
+        self.regions
+            .iter()
+            .position(|r| r == region)
+            .unwrap_or_else(|| panic!("no region {region}"))
+    }
+
+    /// The server of `region`.
+    pub fn server(&mut self, region: &str) -> &mut NatsServer {
+        let i = self.index(region);
+        &mut self.servers[i]
+    }
+
+    /// The client URL of `region`'s server.
+    pub fn url(&self, region: &str) -> String {
+        self.servers[self.index(region)].url()
+    }
+
+    /// The proxy in front of `region`'s gateway listener: cutting it cuts every
+    /// link into the region.
+    pub fn gateway(&self, region: &str) -> &DelayProxy {
+        &self.gateways[self.index(region)]
     }
 }
 

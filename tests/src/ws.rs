@@ -267,6 +267,15 @@ impl Listening {
             other => panic!("expected a frame, got {other:?}"),
         }
     }
+
+    /// The next envelope if one comes within `wait`; fails the test on a close.
+    pub async fn envelope_within(&mut self, wait: Duration) -> Option<Value> {
+        match tokio::time::timeout(wait, self.frames.recv()).await {
+            Err(_) => None,
+            Ok(Some(Incoming::Frame(frame))) => Some(frame),
+            Ok(other) => panic!("expected a frame or nothing, got {other:?}"),
+        }
+    }
 }
 
 impl Drop for Listening {

@@ -34,6 +34,20 @@
 //! [`StreamError::Lagged`] after every reconnect of the client, after a
 //! slow-consumer drop, and when it has been silent for a while; the room then reads
 //! what it missed from the stream, which is the source of truth.
+//!
+//! Regions. In a super-cluster (one NATS cluster per region, joined by gateways)
+//! the events stream lives in the cluster of the api that created it (its
+//! placement is kept on every later update, so an api started elsewhere never
+//! moves it). An edge whose NATS cluster is another one reads from a mirror of
+//! the stream in its own cluster, `<stream>_MIRROR_<cluster>`, which it creates
+//! when missing: the mirror keeps the origin's sequences and positions, answers
+//! Direct Gets locally, and republishes what it has stored to
+//! `<prefix>.region.<cluster>.live.<sessionId>`, where that region's rooms
+//! subscribe. So live events and replays never cross a gateway at read time, a
+//! region cut off from the origin keeps serving what it holds, and when the link
+//! returns the mirror catches up in order and its republish carries the rest.
+//! A mirror may be behind the origin: a reader asking for more than it holds is
+//! told there is nothing yet (not that history is lost), and gets the rest live.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -42,13 +56,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
+use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::stream::{
-    self, DirectGetErrorKind, DiscardPolicy, LastRawMessageErrorKind, RetentionPolicy,
+    self, DirectGetErrorKind, DiscardPolicy, LastRawMessageErrorKind, Placement, RetentionPolicy,
 };
-use async_nats::jetstream::{self, Context};
+use async_nats::jetstream::{self, Context, ErrorCode};
 use async_nats::{Client, ConnectOptions, Event, ServerAddr, Subscriber};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -111,6 +126,9 @@ pub struct NatsConfig {
     /// nodes do; edges only wait for the streams to exist, so that an edge
     /// started with other flags can never reconfigure (say, shrink) them.
     pub manage_streams: bool,
+    /// Read from a mirror in this process's own NATS cluster when the events
+    /// stream lives in another one (edges in a region other than the api's).
+    pub regional_reads: bool,
 }
 
 impl Default for NatsConfig {
@@ -125,8 +143,23 @@ impl Default for NatsConfig {
             duplicate_window: Duration::from_secs(120),
             connection_name: "pollcast".into(),
             manage_streams: true,
+            regional_reads: false,
         }
     }
+}
+
+/// The stream this process reads events from: the events stream itself, or its
+/// mirror in this process's region.
+struct Reader {
+    /// Handle for Direct Gets and leader lookups.
+    stream: stream::Stream<()>,
+    /// Its name (Direct Get batches address it).
+    name: String,
+    /// Live subjects are this plus `.<sessionId>`.
+    live_prefix: String,
+    /// A mirror may be behind the origin; asking for more than it holds is
+    /// "nothing yet", never a truncation.
+    mirror: bool,
 }
 
 /// A session's newest event as the stream holds it.
@@ -140,8 +173,10 @@ struct Tail {
 pub struct JetStreamStream {
     client: Client,
     js: Context,
-    /// Handle on the events stream for Direct Gets (no I/O to make).
+    /// Handle on the events stream, for the publisher's leader lookups.
     events: stream::Stream<()>,
+    /// Where reads and live events come from.
+    reader: Reader,
     config: NatsConfig,
     /// Newest (position, sequence) per session as this process last published or
     /// saw it: the expectation for the next publish, saving a lookup per event.
@@ -204,11 +239,16 @@ impl JetStreamStream {
         let js = jetstream::ContextBuilder::new()
             .timeout(JETSTREAM_TIMEOUT)
             .build(client.clone());
-        ensure_streams(&js, &config, retention).await?;
+        let cluster = client.server_info().cluster.filter(|c| !c.is_empty());
+        ensure_streams(&js, &config, retention, cluster.as_deref()).await?;
         let events = js
             .get_stream_no_info(&config.stream_name)
             .await
             .map_err(|e| unavailable("opening the events stream", e))?;
+        let reader = retrying(|| open_reader(&js, &config, cluster.as_deref())).await?;
+        if reader.mirror {
+            tracing::info!(mirror = %reader.name, "reading events from this region's mirror");
+        }
         let (presence_tx, presence_rx) = mpsc::channel(PRESENCE_QUEUE);
         tokio::spawn(publish_presence(
             js.clone(),
@@ -219,6 +259,7 @@ impl JetStreamStream {
             client,
             js,
             events,
+            reader,
             config,
             tails: Mutex::new(HashMap::new()),
             epoch,
@@ -230,9 +271,10 @@ impl JetStreamStream {
         format!("{}.session.{session}", self.config.subject_prefix)
     }
 
-    /// Where the stream republishes a session's events once it has stored them.
+    /// Where the stream read from republishes a session's events once it has
+    /// stored them.
     fn live_subject(&self, session: Uuid) -> String {
-        format!("{}.live.{session}", self.config.subject_prefix)
+        format!("{}.{session}", self.reader.live_prefix)
     }
 
     fn tails(&self) -> MutexGuard<'_, HashMap<Uuid, Tail>> {
@@ -248,20 +290,25 @@ impl JetStreamStream {
         tails.insert(session, tail);
     }
 
-    /// The session's newest event, asked of the stream leader (publishing must not
-    /// act on a replica that is behind).
-    async fn leader_tail(&self, session: Uuid) -> Result<Option<Tail>, StreamError> {
-        let found = self
-            .events
+    /// The session's newest event, asked of the leader of `stream` (publishing
+    /// must not act on a replica that is behind).
+    async fn leader_tail(
+        &self,
+        stream: &stream::Stream<()>,
+        session: Uuid,
+    ) -> Result<Option<Tail>, StreamError> {
+        let found = stream
             .get_last_raw_message_by_subject(&self.subject(session))
             .await;
         tail_of(found, raw_not_found, "reading the session's tail")
     }
 
-    /// The session's oldest retained event, asked of the stream leader.
+    /// The session's oldest retained event, asked of the leader of the stream
+    /// read from.
     async fn leader_first(&self, session: Uuid) -> Result<Option<Tail>, StreamError> {
         let found = self
-            .events
+            .reader
+            .stream
             .raw_message_builder()
             .next_by_subject(self.subject(session))
             .sequence(1)
@@ -276,11 +323,11 @@ impl JetStreamStream {
     /// reader give up on history that exists; so a truncation seen there is
     /// confirmed here before anyone acts on it.
     async fn truly_truncated(&self, session: Uuid, after: u64) -> Result<bool, StreamError> {
-        let Some(tail) = self.leader_tail(session).await? else {
-            return Ok(after != 0);
+        let Some(tail) = self.leader_tail(&self.reader.stream, session).await? else {
+            return Ok(after != 0 && !self.reader.mirror);
         };
         if after >= tail.position {
-            return Ok(after > tail.position);
+            return Ok(after > tail.position && !self.reader.mirror);
         }
         Ok(self
             .leader_first(session)
@@ -292,7 +339,8 @@ impl JetStreamStream {
     /// Get, any replica), with its position.
     async fn next_at(&self, subject: &str, from: u64) -> Result<Option<Tail>, StreamError> {
         let found = self
-            .events
+            .reader
+            .stream
             .direct_get_next_for_subject(subject, Some(from.max(1)))
             .await;
         tail_of(found, direct_not_found, "direct get")
@@ -300,7 +348,11 @@ impl JetStreamStream {
 
     /// The newest message of `subject` (Direct Get, any replica).
     async fn direct_tail(&self, subject: &str) -> Result<Option<Tail>, StreamError> {
-        let found = self.events.direct_get_last_for_subject(subject).await;
+        let found = self
+            .reader
+            .stream
+            .direct_get_last_for_subject(subject)
+            .await;
         tail_of(found, direct_not_found, "direct get")
     }
 
@@ -358,16 +410,19 @@ impl JetStreamStream {
         limit: usize,
     ) -> Result<ReadBatch, StreamError> {
         let subject = self.subject(session);
+        // A mirror without (all of) what the reader has seen is behind the
+        // origin, which never means lost history.
+        let behind_is_loss = !self.reader.mirror;
         let Some(tail) = self.direct_tail(&subject).await? else {
             return Ok(ReadBatch {
                 events: Vec::new(),
-                truncated: after != 0,
+                truncated: after != 0 && behind_is_loss,
             });
         };
         if after >= tail.position || limit == 0 {
             return Ok(ReadBatch {
                 events: Vec::new(),
-                truncated: after > tail.position,
+                truncated: after > tail.position && behind_is_loss,
             });
         }
         let target = after + 1;
@@ -436,7 +491,7 @@ impl JetStreamStream {
         .map_err(|e| StreamError::Corrupt(e.to_string()))?;
         self.client
             .publish_with_reply(
-                format!("$JS.API.DIRECT.GET.{}", self.config.stream_name),
+                format!("$JS.API.DIRECT.GET.{}", self.reader.name),
                 inbox,
                 Bytes::from(body),
             )
@@ -484,44 +539,57 @@ impl JetStreamStream {
 }
 
 /// Creates or updates the events and presence streams and the presence consumer
-/// (or, unless `manage_streams`, waits for them to exist), retrying while a cluster
-/// has no JetStream leader yet.
+/// (or, unless `manage_streams`, waits for them to exist). A stream created here
+/// is placed in `cluster`, the NATS cluster this process is connected to; an
+/// existing one keeps its placement, so an api in another region never moves it.
 async fn ensure_streams(
     js: &Context,
     config: &NatsConfig,
     retention: Retention,
+    cluster: Option<&str>,
 ) -> Result<(), StreamError> {
     let events = events_stream(config, retention);
     let presence = presence_stream(config);
+    retrying(|| async {
+        if !config.manage_streams {
+            for name in [&events.name, &presence.name] {
+                js.get_stream(name)
+                    .await
+                    .map_err(|e| unavailable("waiting for the api to create the streams", e))?;
+            }
+            return Ok(());
+        }
+        for wanted in [&events, &presence] {
+            let mut wanted = wanted.clone();
+            wanted.placement = placement(js, &wanted.name, cluster).await?;
+            js.create_or_update_stream(wanted)
+                .await
+                .map_err(|e| unavailable("creating the streams", e))?;
+        }
+        let presence = js
+            .get_stream(&presence.name)
+            .await
+            .map_err(|e| unavailable("opening the presence stream", e))?;
+        presence
+            .get_or_create_consumer(PRESENCE_CONSUMER, presence_consumer())
+            .await
+            .map_err(|e| unavailable("creating the presence consumer", e))?;
+        Ok(())
+    })
+    .await
+}
+
+/// Runs `attempt` until it succeeds, for up to 30 s: a JetStream cluster answers
+/// nothing until it has elected its meta leader.
+async fn retrying<T, F, Fut>(mut attempt: F) -> Result<T, StreamError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StreamError>>,
+{
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let attempt = async {
-            if !config.manage_streams {
-                for name in [&events.name, &presence.name] {
-                    js.get_stream(name)
-                        .await
-                        .map_err(|e| unavailable("waiting for the api to create the streams", e))?;
-                }
-                return Ok(());
-            }
-            js.create_or_update_stream(events.clone())
-                .await
-                .map_err(|e| unavailable("creating the events stream", e))?;
-            js.create_or_update_stream(presence.clone())
-                .await
-                .map_err(|e| unavailable("creating the presence stream", e))?;
-            let presence = js
-                .get_stream(&format!("{}_PRESENCE", config.stream_name))
-                .await
-                .map_err(|e| unavailable("opening the presence stream", e))?;
-            presence
-                .get_or_create_consumer(PRESENCE_CONSUMER, presence_consumer())
-                .await
-                .map_err(|e| unavailable("creating the presence consumer", e))?;
-            Ok::<(), StreamError>(())
-        };
-        match attempt.await {
-            Ok(()) => return Ok(()),
+        match attempt().await {
+            Ok(done) => return Ok(done),
             Err(err) if Instant::now() < deadline => {
                 tracing::info!(error = %err, "JetStream not ready yet; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -529,6 +597,141 @@ async fn ensure_streams(
             Err(err) => return Err(err),
         }
     }
+}
+
+/// The placement to give stream `name`: the one it has, or `cluster` for a new
+/// stream.
+async fn placement(
+    js: &Context,
+    name: &str,
+    cluster: Option<&str>,
+) -> Result<Option<Placement>, StreamError> {
+    match js.get_stream(name).await {
+        Ok(existing) => Ok(existing.cached_info().config.placement.clone()),
+        Err(err) if stream_not_found(&err.kind()) => Ok(cluster.map(|cluster| Placement {
+            cluster: Some(cluster.to_owned()),
+            tags: Vec::new(),
+        })),
+        Err(err) => Err(unavailable("looking up a stream", err)),
+    }
+}
+
+fn stream_not_found(kind: &GetStreamErrorKind) -> bool {
+    matches!(kind, GetStreamErrorKind::JetStream(e) if e.error_code() == ErrorCode::STREAM_NOT_FOUND)
+}
+
+/// The stream to read from: the events stream, or (for `regional_reads` in a
+/// cluster other than the stream's) this cluster's mirror of it, created when
+/// missing.
+async fn open_reader(
+    js: &Context,
+    config: &NatsConfig,
+    cluster: Option<&str>,
+) -> Result<Reader, StreamError> {
+    let origin = js
+        .get_stream(&config.stream_name)
+        .await
+        .map_err(|e| unavailable("opening the events stream", e))?;
+    let info = origin.cached_info();
+    let home = info.cluster.as_ref().and_then(|c| c.name.as_deref());
+    let local = match (cluster, home) {
+        (Some(local), Some(home)) if config.regional_reads && local != home => local,
+        _ => {
+            return Ok(Reader {
+                stream: js
+                    .get_stream_no_info(&config.stream_name)
+                    .await
+                    .map_err(|e| unavailable("opening the events stream", e))?,
+                name: config.stream_name.clone(),
+                live_prefix: format!("{}.live", config.subject_prefix),
+                mirror: false,
+            });
+        }
+    };
+    let wanted = mirror_stream(config, &info.config, local);
+    let name = wanted.name.clone();
+    let live_prefix = region_live_prefix(config, local);
+    if let Err(err) = js.get_stream(&name).await {
+        if !stream_not_found(&err.kind()) {
+            return Err(unavailable("looking up this region's mirror", err));
+        }
+        // Another edge of the region may create it at the same moment: the same
+        // definition is accepted twice, and a different one is used as it is.
+        if let Err(err) = js.create_stream(wanted).await {
+            tracing::info!(error = %err, mirror = %name, "mirror not created here; using the existing one");
+        }
+    }
+    Ok(Reader {
+        stream: js
+            .get_stream_no_info(&name)
+            .await
+            .map_err(|e| unavailable("opening this region's mirror", e))?,
+        name,
+        live_prefix,
+        mirror: true,
+    })
+}
+
+/// The mirror of the events stream (`origin`) in NATS cluster `cluster`: the same
+/// history limits, its own replicas (this process's `replicas`), Direct Get, and a
+/// republish of what it stores to the region's live subjects.
+pub fn mirror_stream(
+    config: &NatsConfig,
+    origin: &stream::Config,
+    cluster: &str,
+) -> stream::Config {
+    stream::Config {
+        name: format!("{}_MIRROR_{}", config.stream_name, name_token(cluster)),
+        mirror: Some(stream::Source {
+            name: origin.name.clone(),
+            ..Default::default()
+        }),
+        retention: RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        max_messages_per_subject: origin.max_messages_per_subject,
+        max_age: origin.max_age,
+        num_replicas: config.replicas,
+        discard: DiscardPolicy::Old,
+        allow_direct: true,
+        deny_delete: true,
+        placement: Some(Placement {
+            cluster: Some(cluster.to_owned()),
+            tags: Vec::new(),
+        }),
+        republish: Some(stream::Republish {
+            source: format!("{}.session.*", config.subject_prefix),
+            destination: format!(
+                "{}.{{{{wildcard(1)}}}}",
+                region_live_prefix(config, cluster)
+            ),
+            headers_only: false,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Where the mirror in `cluster` republishes: this plus `.<sessionId>`.
+fn region_live_prefix(config: &NatsConfig, cluster: &str) -> String {
+    format!(
+        "{}.region.{}.live",
+        config.subject_prefix,
+        name_token(cluster)
+    )
+}
+
+/// `cluster` as a stream-name part and subject token: NATS cluster names may hold
+/// characters (`.`, say) that those may not.
+fn name_token(cluster: &str) -> String {
+    cluster
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// The events stream's definition (also kept as `nats/streams/*.json`).
@@ -661,7 +864,7 @@ impl EventStream for JetStreamStream {
             let tail = match cached {
                 Some(tail) => Some(tail),
                 None => {
-                    let tail = self.leader_tail(session).await?;
+                    let tail = self.leader_tail(&self.events, session).await?;
                     if let Some(tail) = tail {
                         self.remember(session, tail);
                     }
@@ -761,14 +964,13 @@ impl EventStream for JetStreamStream {
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return Err(StreamError::Unavailable("not connected to NATS".into()));
         }
-        tokio::time::timeout(
-            REQUEST_TIMEOUT,
-            self.js.get_stream(&self.config.stream_name),
-        )
-        .await
-        .map_err(|_| StreamError::Unavailable("JetStream did not answer".into()))?
-        .map(|_| ())
-        .map_err(|e| unavailable("JetStream", e))
+        // The stream read from: a region cut off from the origin still serves
+        // what its mirror holds, so it stays ready.
+        tokio::time::timeout(REQUEST_TIMEOUT, self.js.get_stream(&self.reader.name))
+            .await
+            .map_err(|_| StreamError::Unavailable("JetStream did not answer".into()))?
+            .map(|_| ())
+            .map_err(|e| unavailable("JetStream", e))
     }
 
     async fn report_presence(&self, signal: PresenceSignal) -> Result<(), StreamError> {

@@ -123,6 +123,8 @@ impl StreamArgs {
             replicas: usize::from(self.stream_replicas),
             connection_name: format!("pollcast-{}", std::process::id()),
             manage_streams,
+            // Edges read in their own region; api nodes write to the origin.
+            regional_reads: !manage_streams,
             ..NatsConfig::default()
         });
         StreamConfig {

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use pollcast_protocol::EventId;
 use pollcast_tests::client::{Presenter, id_of, option_id, vote_counts};
+use pollcast_tests::frames::{assert_consecutive, count, listen, positions, until};
 use pollcast_tests::nats::{NatsCluster, NatsServer};
 use pollcast_tests::process::Pollcast;
 use pollcast_tests::ws::{Format, Listening, WsClient, query};
@@ -84,65 +84,6 @@ impl Deployment {
             _data: data,
         }
     }
-}
-
-/// A presenter listening on `edge`, past `connection:established`.
-async fn listen(edge: &Pollcast, p: &Presenter, last_event_id: Option<&str>) -> Listening {
-    let client = WsClient::connect(
-        edge.addr,
-        &query(&p.session_id, &p.token, last_event_id, Format::Json),
-    )
-    .await;
-    let mut listening = client.listen();
-    let established = listening.envelope().await;
-    assert_eq!(
-        established["eventType"], "connection:established",
-        "{established}"
-    );
-    listening
-}
-
-/// Envelopes until (and including) the first of `event_type`.
-async fn until(client: &mut Listening, event_type: &str) -> Vec<Value> {
-    let mut frames = Vec::new();
-    loop {
-        let frame = client.envelope().await;
-        let done = frame["eventType"] == event_type;
-        frames.push(frame);
-        if done {
-            return frames;
-        }
-    }
-}
-
-/// Stream positions of domain events (connection frames have no id).
-fn positions(session: &str, frames: &[Value]) -> Vec<u64> {
-    let session: Uuid = session.parse().expect("uuid");
-    frames
-        .iter()
-        .filter_map(|f| f["eventId"].as_str())
-        .map(|id| {
-            id.parse::<EventId>()
-                .expect("event id")
-                .position_in(session)
-                .expect("an id of this session")
-        })
-        .collect()
-}
-
-/// Asserts that positions run without a gap or a repeat.
-#[track_caller]
-fn assert_consecutive(positions: &[u64]) {
-    assert!(!positions.is_empty());
-    let expected: Vec<u64> = (positions[0]..positions[0] + positions.len() as u64).collect();
-    assert_eq!(positions, expected.as_slice(), "gap, repeat or reordering");
-}
-
-fn count(frames: &[Value], event_type: &str) -> usize {
-    frames
-        .iter()
-        .filter(|f| f["eventType"] == event_type)
-        .count()
 }
 
 /// Closes the poll and checks what the presenter got since it connected: one
