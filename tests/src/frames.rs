@@ -68,3 +68,22 @@ pub fn count(frames: &[Value], event_type: &str) -> usize {
         .filter(|f| f["eventType"] == event_type)
         .count()
 }
+
+/// Asserts that two clients of one session, which may have joined at different
+/// points (an edge whose region is behind announces an older newest event), each
+/// got an unbroken run, and that from the later start on they got the same
+/// frames: same ids, same order, same content.
+#[track_caller]
+pub fn assert_same_run(session: &str, a: &[Value], b: &[Value]) {
+    let (pa, pb) = (positions(session, a), positions(session, b));
+    assert_consecutive(&pa);
+    assert_consecutive(&pb);
+    let skip_a = usize::try_from(pb[0].saturating_sub(pa[0])).expect("small");
+    let skip_b = usize::try_from(pa[0].saturating_sub(pb[0])).expect("small");
+    assert_eq!(
+        &pa[skip_a..],
+        &pb[skip_b..],
+        "the same positions from the later start"
+    );
+    assert!(a[skip_a..] == b[skip_b..], "same ids but different frames");
+}
