@@ -157,8 +157,9 @@ def check_deployments(name: str, values: dict, objects: list[dict]) -> None:
         if role == "edge":
             grace = spec["terminationGracePeriodSeconds"]
             pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-            # pollcast's own drain needs about 10 s after the pause.
-            if grace < pause + 10:
+            # pollcast's own drain takes up to 10 s for WebSockets, then 10 s
+            # for HTTP (docs/operations.md, Timeouts), after the pause.
+            if grace < pause + 20:
                 fail(where, f"grace {grace}s leaves no time to drain after a {pause}s preStop")
         if not any(matches(s["spec"]["selector"], labels) for s in services):
             fail(where, "no Service selects these pods")
