@@ -1,6 +1,10 @@
 //! An HTTP client for the contract's REST API, with one helper per step of a
 //! session's life so tests read like the contract.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use futures::StreamExt;
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -282,4 +286,39 @@ pub fn option_id(poll: &Value, index: usize) -> String {
 /// A resource's `id`.
 pub fn id_of(resource: &Value) -> String {
     str_of(&resource["id"])
+}
+
+/// `voters` participants joined to a started session with an active poll.
+pub async fn session_with_voters(api: &Api, voters: usize) -> (Presenter, Value, Vec<String>) {
+    let p = api.started_session().await;
+    let poll = api.active_poll(&p).await;
+    let mut tokens = Vec::new();
+    for i in 0..voters {
+        tokens.push(api.join(&p.code, &format!("voter {i}")).await.token);
+    }
+    (p, poll, tokens)
+}
+
+/// Casts one vote per token, eight at a time, counting successes in `done`;
+/// returns the statuses.
+pub async fn vote_all(
+    api: Api,
+    poll: String,
+    option: String,
+    tokens: Vec<String>,
+    done: Arc<AtomicUsize>,
+) -> Vec<u16> {
+    futures::stream::iter(tokens)
+        .map(|token| {
+            let (api, poll, option, done) =
+                (api.clone(), poll.clone(), option.clone(), Arc::clone(&done));
+            async move {
+                let reply = api.vote(&poll, &token, &[&option]).await;
+                done.fetch_add(1, Ordering::SeqCst);
+                reply.status
+            }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await
 }

@@ -83,6 +83,28 @@ impl NatsServer {
         server
     }
 
+    /// Writes `text` to `config` and starts a server on it (client port `port`,
+    /// files in `dir`, `owner` the temporary directory to remove on drop).
+    fn from_config(
+        port: u16,
+        dir: PathBuf,
+        config: &Path,
+        text: &str,
+        owner: Option<TempDir>,
+    ) -> NatsServer {
+        write_file(config, text);
+        let mut server = NatsServer {
+            port,
+            args: vec!["-c".into(), config.display().to_string()],
+            dir,
+            keeper: None,
+            pid: None,
+            _tmp: owner,
+        };
+        server.start_again();
+        server
+    }
+
     /// The process-wide standalone server, started on first use, for tests that
     /// only need some server (each uses its own stream names).
     pub fn shared() -> &'static NatsServer {
@@ -218,18 +240,9 @@ impl NatsCluster {
                 store = dir.join("store").display(),
                 routes = routes.join(", "),
             );
-            write_file(&config, &text);
-            let mut node = NatsServer {
-                port: *port,
-                args: vec!["-c".into(), config.display().to_string()],
-                dir,
-                keeper: None,
-                pid: None,
-                // The first node owns the directory of all three.
-                _tmp: if i == 0 { tmp.take() } else { None },
-            };
-            node.start_again();
-            nodes.push(node);
+            // The first node owns the directory of all three.
+            let owner = if i == 0 { tmp.take() } else { None };
+            nodes.push(NatsServer::from_config(*port, dir, &config, &text, owner));
         }
         NatsCluster { nodes }
     }
@@ -302,17 +315,8 @@ impl NatsSuperCluster {
                 proxy = gateways[i].port(),
                 remotes = remotes.join(", "),
             );
-            write_file(&config, &text);
-            let mut server = NatsServer {
-                port: *port,
-                args: vec!["-c".into(), config.display().to_string()],
-                dir,
-                keeper: None,
-                pid: None,
-                _tmp: if i == 0 { tmp.take() } else { None },
-            };
-            server.start_again();
-            servers.push(server);
+            let owner = if i == 0 { tmp.take() } else { None };
+            servers.push(NatsServer::from_config(*port, dir, &config, &text, owner));
         }
         NatsSuperCluster {
             regions: regions.iter().map(|r| (*r).to_owned()).collect(),

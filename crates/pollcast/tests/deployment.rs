@@ -5,16 +5,17 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use pollcast_tests::client::{Presenter, id_of, option_id, vote_counts};
+use pollcast_tests::client::{
+    Presenter, id_of, option_id, session_with_voters, vote_all, vote_counts,
+};
 use pollcast_tests::frames::{assert_consecutive, count, listen, positions, until};
 use pollcast_tests::nats::{NatsCluster, NatsServer};
 use pollcast_tests::process::Pollcast;
 use pollcast_tests::ws::{Format, Listening, WsClient, query};
-use pollcast_tests::{Api, exclusive};
+use pollcast_tests::{Api, exclusive, reached};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -112,41 +113,6 @@ async fn close_and_check(
     assert_eq!(vote_counts(&results), vec![votes, 0, 0]);
 }
 
-/// `voters` participants joined to a started session with an active poll.
-async fn session_with_voters(api: &Api, voters: usize) -> (Presenter, Value, Vec<String>) {
-    let p = api.started_session().await;
-    let poll = api.active_poll(&p).await;
-    let mut tokens = Vec::new();
-    for i in 0..voters {
-        tokens.push(api.join(&p.code, &format!("voter {i}")).await.token);
-    }
-    (p, poll, tokens)
-}
-
-/// Casts one vote per token, eight at a time, counting successes in `done`;
-/// returns the statuses.
-async fn vote_all(
-    api: Api,
-    poll: String,
-    option: String,
-    tokens: Vec<String>,
-    done: Arc<AtomicUsize>,
-) -> Vec<u16> {
-    futures::stream::iter(tokens)
-        .map(|token| {
-            let (api, poll, option, done) =
-                (api.clone(), poll.clone(), option.clone(), Arc::clone(&done));
-            async move {
-                let reply = api.vote(&poll, &token, &[&option]).await;
-                done.fetch_add(1, Ordering::SeqCst);
-                reply.status
-            }
-        })
-        .buffer_unordered(8)
-        .collect()
-        .await
-}
-
 /// Whether the session's first participant is marked connected.
 async fn first_connected(api: &Api, p: &Presenter) -> bool {
     api.participants(p).await[0]["connected"] == true
@@ -183,19 +149,6 @@ impl Storm {
             done,
             votes,
         }
-    }
-}
-
-/// Waits (at most 30 s) until `counter` reaches `n`.
-async fn reached(counter: &AtomicUsize, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while counter.load(Ordering::SeqCst) < n {
-        assert!(
-            Instant::now() < deadline,
-            "stuck at {}",
-            counter.load(Ordering::SeqCst)
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

@@ -5,18 +5,17 @@
 //! the real binary over real sockets.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use pollcast_tests::client::{Presenter, id_of, option_id, vote_counts};
+use pollcast_tests::client::{self, Presenter, id_of, option_id, session_with_voters, vote_counts};
 use pollcast_tests::frames::{
     assert_consecutive, assert_same_run, count, listen, positions, until,
 };
 use pollcast_tests::nats::NatsSuperCluster;
 use pollcast_tests::process::Pollcast;
 use pollcast_tests::ws::Listening;
-use pollcast_tests::{Api, exclusive};
+use pollcast_tests::{Api, exclusive, reached};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pollcast");
@@ -104,37 +103,11 @@ impl World {
     }
 }
 
-/// A started session with an active poll and `voters` joined participants.
-async fn session(api: &Api, voters: usize) -> (Presenter, Value, Vec<String>) {
-    let p = api.started_session().await;
-    let poll = api.active_poll(&p).await;
-    let mut tokens = Vec::new();
-    for i in 0..voters {
-        tokens.push(api.join(&p.code, &format!("voter {i}")).await.token);
-    }
-    (p, poll, tokens)
-}
-
-/// One vote per token on option 0, eight at a time; counts answers in `done`.
+/// One vote per token on option 0, eight at a time, each accepted; counts
+/// answers in `done`.
 async fn vote_all(api: Api, poll: Value, tokens: Vec<String>, done: Arc<AtomicUsize>) {
     let (poll_id, option) = (id_of(&poll), option_id(&poll, 0));
-    let statuses: Vec<u16> = futures::stream::iter(tokens)
-        .map(|token| {
-            let (api, poll_id, option, done) = (
-                api.clone(),
-                poll_id.clone(),
-                option.clone(),
-                Arc::clone(&done),
-            );
-            async move {
-                let status = api.vote(&poll_id, &token, &[&option]).await.status;
-                done.fetch_add(1, Ordering::SeqCst);
-                status
-            }
-        })
-        .buffer_unordered(8)
-        .collect()
-        .await;
+    let statuses = client::vote_all(api, poll_id, option, tokens, done).await;
     assert!(statuses.iter().all(|&s| s == 201), "{statuses:?}");
 }
 
@@ -163,19 +136,6 @@ async fn until_caught_up(client: &mut Listening, event_type: &str) -> Vec<Value>
         if done {
             return frames;
         }
-    }
-}
-
-/// Waits (at most 30 s) until `counter` reaches `n`.
-async fn reached(counter: &AtomicUsize, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while counter.load(Ordering::SeqCst) < n {
-        assert!(
-            Instant::now() < deadline,
-            "stuck at {}",
-            counter.load(Ordering::SeqCst)
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -279,7 +239,7 @@ async fn regions_serve_the_same_sequence_survive_a_cut_link_and_a_lost_server() 
     }
 
     // 1. Both regions see the same events, with the same ids, in the same order.
-    let (p, poll, tokens) = session(w.rest(), 20).await;
+    let (p, poll, tokens) = session_with_voters(w.rest(), 20).await;
     let mut on_us = listen(&w.us, &p, None).await;
     let mut on_ap = listen(&w.ap, &p, None).await;
     vote_all(w.rest().clone(), poll.clone(), tokens, Arc::default()).await;
@@ -411,7 +371,7 @@ async fn regions_serve_the_same_sequence_survive_a_cut_link_and_a_lost_server() 
 
     // 4. ap's nats-server dies mid-storm and comes back: its edge catches up in
     //    order and misses nothing.
-    let (p2, poll2, tokens) = session(w.rest(), 60).await;
+    let (p2, poll2, tokens) = session_with_voters(w.rest(), 60).await;
     let mut storm_ap = listen(&w.ap, &p2, None).await;
     let mut storm_us = listen(&w.us, &p2, None).await;
     let done = Arc::new(AtomicUsize::new(0));
