@@ -11,10 +11,10 @@
 //!
 //! Inside the transaction each ballot is decided exactly as a transaction of its
 //! own would decide it: the idempotency key (already answered → that answer, no
-//! event), the poll still active, the vote not a second one (`ON CONFLICT DO
-//! NOTHING` on the one-vote index, so a refusal does not abort the batch), then
-//! `vote:accepted` or `vote:rejected` and the key's answer. Before all that, a
-//! ballot whose participant the session does not have is refused (401).
+//! event), the poll still active, the vote not a second one (the votes already
+//! cast are read under the session's lock, and the one-vote index checks the
+//! insert), then `vote:accepted` or `vote:rejected` and the key's answer. Before
+//! all that, a ballot whose participant the session does not have is refused (401).
 //!
 //! A batch that fails as a whole (say, a stored answer that cannot be read)
 //! committed nothing; its ballots are then decided one by one, so only the faulty
@@ -22,7 +22,6 @@
 
 use pollcast_protocol::{DomainEvent, PollStatus, Vote};
 use pollcast_store::{idempotency_key, participant, poll, vote, vote_choice};
-use sea_orm::sea_query::OnConflict;
 use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QuerySelect};
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -30,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::tx::SessionTx;
-use crate::votes::{StoredAnswer, stored_answer};
+use crate::votes::StoredAnswer;
 use crate::{Domain, DomainError, DomainResult, VoteRejection};
 
 /// Most votes committed in one transaction.
@@ -200,6 +199,13 @@ impl Domain {
 
     /// The batch transaction; returns each ballot's answer and the polls that got
     /// votes.
+    ///
+    /// Every ballot is decided in memory from what a few queries read under the
+    /// session's lock (the active polls, the voters, their stored answers, the
+    /// votes they already cast), then the new rows are written with one
+    /// multi-row insert per table: the statements per batch stay constant instead
+    /// of growing with its votes. The unique index still has the last word: a
+    /// vote it refuses fails the batch, whose ballots are then decided alone.
     async fn write_batch(
         &self,
         session_id: Uuid,
@@ -208,12 +214,14 @@ impl Domain {
         let mut tx = SessionTx::begin(self, session_id).await?;
         let polls: HashSet<Uuid> = ballots.iter().map(|b| b.poll_id).collect();
         let active: HashSet<Uuid> = poll::Entity::find()
+            .select_only()
+            .column(poll::Column::Id)
             .filter(poll::Column::Id.is_in(polls))
             .filter(poll::Column::Status.eq(PollStatus::Active.as_str()))
+            .into_tuple()
             .all(&tx.txn)
             .await?
             .into_iter()
-            .map(|p| p.id)
             .collect();
         // A signed token is no proof its participant exists here (the database may
         // have been reset under the same secret): one query for the whole batch.
@@ -227,8 +235,26 @@ impl Domain {
             .await?
             .into_iter()
             .collect();
-        // Keys answered earlier in this batch (a retry queued behind its original).
-        let mut answered: HashMap<(Uuid, &str), StoredAnswer> = HashMap::new();
+        // First answers to the batch's keys, including those given earlier in this
+        // batch (a retry queued behind its original).
+        let mut answered = stored_answers(&tx, ballots).await?;
+        // Who already voted on which of the batch's active polls, then also who
+        // votes in this batch.
+        let mut voted: HashSet<(Uuid, Uuid)> = if active.is_empty() {
+            HashSet::new()
+        } else {
+            vote::Entity::find()
+                .select_only()
+                .columns([vote::Column::PollId, vote::Column::ParticipantId])
+                .filter(vote::Column::PollId.is_in(active.iter().copied()))
+                .filter(vote::Column::ParticipantId.is_in(voters.iter().copied()))
+                .into_tuple()
+                .all(&tx.txn)
+                .await?
+                .into_iter()
+                .collect()
+        };
+        let mut rows = Rows::default();
         let mut outcomes = Vec::with_capacity(ballots.len());
         let mut accepted_polls = HashSet::new();
         for ballot in ballots {
@@ -239,15 +265,11 @@ impl Domain {
                 )));
                 continue;
             }
-            if let Some(key) = ballot.key.as_deref() {
-                let earlier = match answered.get(&(ballot.participant_id, key)) {
-                    Some(answer) => Some(answer.clone()),
-                    None => stored_answer(&tx.txn, ballot.participant_id, key).await?,
-                };
-                if let Some(answer) = earlier {
-                    outcomes.push(answer.into_result());
-                    continue;
-                }
+            if let Some(key) = ballot.key.as_deref()
+                && let Some(earlier) = answered.get(&(ballot.participant_id, key.to_owned()))
+            {
+                outcomes.push(earlier.clone().into_result());
+                continue;
             }
             let answer = match &ballot.choice {
                 Err((reason, message)) => StoredAnswer::Rejected {
@@ -258,7 +280,18 @@ impl Domain {
                     reason: VoteRejection::PollNotActive,
                     message: format!("poll {} is not active", ballot.poll_id),
                 },
-                Ok(options) => insert_vote(&tx, ballot, options).await?,
+                Ok(_) if !voted.insert((ballot.poll_id, ballot.participant_id)) => {
+                    StoredAnswer::Rejected {
+                        reason: VoteRejection::AlreadyVoted,
+                        message: format!(
+                            "participant {} has already voted on poll {}",
+                            ballot.participant_id, ballot.poll_id
+                        ),
+                    }
+                }
+                Ok(options) => StoredAnswer::Accepted {
+                    vote: rows.vote(&tx, ballot, options)?,
+                },
             };
             match &answer {
                 StoredAnswer::Accepted { vote } => {
@@ -275,18 +308,17 @@ impl Domain {
                 }
             }
             if let Some(key) = ballot.key.as_deref() {
-                idempotency_key::Entity::insert(idempotency_key::ActiveModel {
+                rows.keys.push(idempotency_key::ActiveModel {
                     participant_id: Set(ballot.participant_id),
                     key: Set(key.to_owned()),
                     answer: Set(serde_json::to_string(&answer)?),
                     created_at: Set(tx.now.datetime()),
-                })
-                .exec_without_returning(&tx.txn)
-                .await?;
-                answered.insert((ballot.participant_id, key), answer.clone());
+                });
+                answered.insert((ballot.participant_id, key.to_owned()), answer.clone());
             }
             outcomes.push(answer.into_result());
         }
+        rows.write(&tx).await?;
         // The session's participants, for how widely its results fan out.
         let audience = u64::try_from(tx.session.participant_count).unwrap_or(0);
         tx.commit(self).await?;
@@ -305,52 +337,94 @@ impl Domain {
     }
 }
 
-/// Inserts the vote unless the participant already voted on the poll (the unique
-/// index decides; `DO NOTHING` keeps the batch's transaction alive).
-async fn insert_vote(
-    tx: &SessionTx,
-    ballot: &Ballot,
-    options: &[Uuid],
-) -> DomainResult<StoredAnswer> {
-    let vote = Vote {
-        id: Uuid::now_v7(),
-        poll_id: ballot.poll_id,
-        participant_id: ballot.participant_id,
-        option_ids: options.to_vec(),
-        created_at: tx.now,
-    };
-    let inserted = vote::Entity::insert(vote::ActiveModel {
-        id: Set(vote.id),
-        poll_id: Set(vote.poll_id),
-        participant_id: Set(vote.participant_id),
-        option_ids: Set(serde_json::to_string(&vote.option_ids)?),
-        created_at: Set(tx.now.datetime()),
-    })
-    .on_conflict(
-        OnConflict::columns([vote::Column::PollId, vote::Column::ParticipantId])
-            .do_nothing()
-            .to_owned(),
-    )
-    .exec_without_returning(&tx.txn)
-    .await?;
-    if inserted == 0 {
-        return Ok(StoredAnswer::Rejected {
-            reason: VoteRejection::AlreadyVoted,
-            message: format!(
-                "participant {} has already voted on poll {}",
-                ballot.participant_id, ballot.poll_id
-            ),
+/// Rows per multi-row insert: far below SQLite's 32 766 bound variables at the
+/// widest row here (5 columns), and small enough to keep each statement cheap
+/// to prepare.
+const ROWS_PER_INSERT: usize = 512;
+
+/// The rows a batch writes, gathered while its ballots are decided.
+#[derive(Default)]
+struct Rows {
+    votes: Vec<vote::ActiveModel>,
+    choices: Vec<vote_choice::ActiveModel>,
+    keys: Vec<idempotency_key::ActiveModel>,
+}
+
+impl Rows {
+    /// An accepted vote and its choices.
+    fn vote(&mut self, tx: &SessionTx, ballot: &Ballot, options: &[Uuid]) -> DomainResult<Vote> {
+        let vote = Vote {
+            id: Uuid::now_v7(),
+            poll_id: ballot.poll_id,
+            participant_id: ballot.participant_id,
+            option_ids: options.to_vec(),
+            created_at: tx.now,
+        };
+        self.votes.push(vote::ActiveModel {
+            id: Set(vote.id),
+            poll_id: Set(vote.poll_id),
+            participant_id: Set(vote.participant_id),
+            option_ids: Set(serde_json::to_string(&vote.option_ids)?),
+            created_at: Set(tx.now.datetime()),
         });
+        self.choices
+            .extend(options.iter().map(|&option_id| vote_choice::ActiveModel {
+                vote_id: Set(vote.id),
+                option_id: Set(option_id),
+                poll_id: Set(vote.poll_id),
+            }));
+        Ok(vote)
     }
-    let choices = options.iter().map(|&option_id| vote_choice::ActiveModel {
-        vote_id: Set(vote.id),
-        option_id: Set(option_id),
-        poll_id: Set(vote.poll_id),
-    });
-    vote_choice::Entity::insert_many(choices)
-        .exec_without_returning(&tx.txn)
+
+    /// Writes everything gathered, a few statements per table. Votes first:
+    /// choices refer to them.
+    async fn write(self, tx: &SessionTx) -> DomainResult<()> {
+        for chunk in self.votes.chunks(ROWS_PER_INSERT) {
+            vote::Entity::insert_many(chunk.to_vec())
+                .exec_without_returning(&tx.txn)
+                .await?;
+        }
+        for chunk in self.choices.chunks(ROWS_PER_INSERT) {
+            vote_choice::Entity::insert_many(chunk.to_vec())
+                .exec_without_returning(&tx.txn)
+                .await?;
+        }
+        for chunk in self.keys.chunks(ROWS_PER_INSERT) {
+            idempotency_key::Entity::insert_many(chunk.to_vec())
+                .exec_without_returning(&tx.txn)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// The stored first answers to the keys the batch's ballots carry, by
+/// (participant, key), read with one query.
+async fn stored_answers(
+    tx: &SessionTx,
+    ballots: &[Ballot],
+) -> DomainResult<HashMap<(Uuid, String), StoredAnswer>> {
+    let wanted: HashSet<(Uuid, &str)> = ballots
+        .iter()
+        .filter_map(|b| Some((b.participant_id, b.key.as_deref()?)))
+        .collect();
+    if wanted.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows = idempotency_key::Entity::find()
+        .filter(idempotency_key::Column::ParticipantId.is_in(wanted.iter().map(|w| w.0)))
+        .filter(idempotency_key::Column::Key.is_in(wanted.iter().map(|w| w.1)))
+        .all(&tx.txn)
         .await?;
-    Ok(StoredAnswer::Accepted { vote })
+    let mut found = HashMap::new();
+    for row in rows {
+        // The IN lists match every pairing; keep the pairs asked for.
+        if wanted.contains(&(row.participant_id, row.key.as_str())) {
+            let answer: StoredAnswer = serde_json::from_str(&row.answer)?;
+            found.insert((row.participant_id, row.key), answer);
+        }
+    }
+    Ok(found)
 }
 
 /// The answer for every ballot of a failed batch.
