@@ -5,8 +5,10 @@
 #
 #   bench/loadgen.sh fanout --clients 2000 --votes-per-sec 1000 --seconds 15
 #   RUNS=5 FORMAT=msgpack bench/loadgen.sh reconnect-storm --clients 10000
+#   bench/loadgen.sh ingest --voters 20000 --concurrency 64
 #
 # Extra server flags: SERVER_FLAGS="--sqlite-synchronous normal" bench/loadgen.sh …
+# Another server build (say, a baseline from a worktree): SERVER_BIN=/path/to/pollcast
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked -q -p pollcast -p pollcast-bench
@@ -16,7 +18,7 @@ for run in $(seq 1 "$runs"); do
     dir=$(mktemp -d)
     port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
     # shellcheck disable=SC2086
-    ./target/release/pollcast serve --listen "127.0.0.1:$port" --data-dir "$dir" \
+    "${SERVER_BIN:-./target/release/pollcast}" serve --listen "127.0.0.1:$port" --data-dir "$dir" \
         --writes-per-second 0 --anonymous-per-second 0 \
         --max-participants-per-session 1000000 --max-polls-per-session 1000000 \
         ${SERVER_FLAGS:-} 2>"$dir/server.log" &

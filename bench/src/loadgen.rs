@@ -9,8 +9,10 @@
 //!
 //! Scenarios: `fanout` (one session, every participant on a socket, votes at a
 //! rate, results coalesced), `reconnect-storm` (the same, and mid-run every client
-//! drops and reconnects with `lastEventId` at once). Each run prints a summary and
-//! one JSON line. Loopback only; every run is bounded in count and in time.
+//! drops and reconnects with `lastEventId` at once), `ingest` (votes as fast as
+//! the server takes them, only the presenter on a socket, then the tally checked
+//! against the votes accepted). Each run prints a summary and one JSON line.
+//! Loopback only; every run is bounded in count and in time.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -70,6 +72,19 @@ enum Scenario {
         votes_per_sec: u32,
         /// Seconds of load (at most 120); the storm is at half time.
         #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// Votes as fast as the server takes them: every participant votes once on
+    /// one poll, `concurrency` requests in flight; only the presenter listens.
+    Ingest {
+        /// Participants, each voting once (no sockets).
+        #[arg(long, default_value_t = 20_000)]
+        voters: usize,
+        /// Vote requests in flight.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Seconds at most (at most 120); the run ends sooner when all voted.
+        #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
 }
@@ -235,6 +250,8 @@ struct VoteLoad {
     accepted: u64,
     /// Time the sender fell behind its schedule at the end.
     behind: Duration,
+    /// From the first vote sent to the last answered.
+    elapsed: Duration,
 }
 
 /// Sends votes at `rate` for `length`, rotating polls when everyone has voted.
@@ -293,7 +310,55 @@ async fn vote(
     // Every vote answered before the run ends.
     let _all = in_flight.acquire_many(512).await?;
     load.accepted = accepted.load(Ordering::Relaxed);
+    load.elapsed = started.elapsed();
     Ok(load)
+}
+
+/// Every voter votes once on a new poll, `concurrency` at a time, for at most
+/// `length`; then the poll is closed and its final tally must equal the votes
+/// accepted. Returns the load and whether the tally was exact.
+async fn ingest(
+    api: &Api,
+    presenter: &Presenter,
+    voters: &[Joiner],
+    concurrency: usize,
+    length: Duration,
+) -> anyhow::Result<(VoteLoad, bool)> {
+    use futures::StreamExt;
+    let poll = api.active_poll(presenter).await;
+    let poll_id = id_of(&poll);
+    let started = Instant::now();
+    let statuses: Vec<u16> = futures::stream::iter(voters.iter().enumerate())
+        .take_while(|_| std::future::ready(started.elapsed() < length))
+        .map(|(i, voter)| {
+            let (api, poll_id, option) = (api.clone(), poll_id.clone(), option_id(&poll, i % 3));
+            async move {
+                api.vote(&poll_id, &voter.token, &[option.as_str()])
+                    .await
+                    .status
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    let load = VoteLoad {
+        sent: statuses.len() as u64,
+        accepted: statuses.iter().filter(|&&s| s == 201).count() as u64,
+        behind: Duration::ZERO,
+        elapsed: started.elapsed(),
+    };
+    api.act(
+        &format!("/api/polls/{poll_id}/close"),
+        Some(&presenter.token),
+    )
+    .await;
+    let results = api.results(&poll_id, &presenter.token).await;
+    let exact = results["totalVotes"].as_u64() == Some(load.accepted)
+        && pollcast_tests::client::vote_counts(&results)
+            .iter()
+            .sum::<u64>()
+            == load.accepted;
+    Ok((load, exact))
 }
 
 /// Percentile of sorted microseconds, in milliseconds.
@@ -319,17 +384,30 @@ async fn main() -> anyhow::Result<()> {
         "msgpack" => (WireFormat::MessagePack, "msgpack"),
         _ => (WireFormat::Json, "json"),
     };
-    let (scenario, clients, rate, seconds) = match args.scenario {
+    // `sockets`: participants that also listen; `rate` 0: as fast as taken.
+    let (scenario, clients, sockets, rate, seconds, concurrency) = match args.scenario {
         Scenario::Fanout {
             clients,
             votes_per_sec,
             seconds,
-        } => ("fanout", clients, votes_per_sec, seconds),
+        } => ("fanout", clients, clients, votes_per_sec, seconds, 0),
         Scenario::ReconnectStorm {
             clients,
             votes_per_sec,
             seconds,
-        } => ("reconnect-storm", clients, votes_per_sec, seconds),
+        } => (
+            "reconnect-storm",
+            clients,
+            clients,
+            votes_per_sec,
+            seconds,
+            0,
+        ),
+        Scenario::Ingest {
+            voters,
+            concurrency,
+            seconds,
+        } => ("ingest", voters, 0, 0, seconds, concurrency),
     };
     let length = Duration::from_secs(seconds.min(120));
     let server_pid = args.server_pid.map(|p| p.to_string());
@@ -347,9 +425,9 @@ async fn main() -> anyhow::Result<()> {
     let idle_server = read_server();
     let ready = Arc::new(AtomicU64::new(0));
     let (phase_tx, phase_rx) = watch::channel(Phase::Run);
-    let mut tasks = Vec::with_capacity(clients + 1);
-    let tokens =
-        std::iter::once(presenter.token.clone()).chain(joined.iter().map(|j| j.token.clone()));
+    let mut tasks = Vec::with_capacity(sockets + 1);
+    let tokens = std::iter::once(presenter.token.clone())
+        .chain(joined.iter().take(sockets).map(|j| j.token.clone()));
     for (i, token) in tokens.enumerate() {
         let source = Ipv4Addr::new(127, 0, 0, 1 + (i % usize::from(args.sources.max(1))) as u8);
         let client = Client {
@@ -383,7 +461,15 @@ async fn main() -> anyhow::Result<()> {
 
     // Load.
     let storm = (scenario == "reconnect-storm").then(|| (length / 2, phase_tx));
-    let votes = vote(&api, &presenter, &joined, rate, length, storm).await?;
+    let (votes, exact) = if scenario == "ingest" {
+        let (votes, exact) = ingest(&api, &presenter, &joined, concurrency, length).await?;
+        (votes, Some(exact))
+    } else {
+        (
+            vote(&api, &presenter, &joined, rate, length, storm).await?,
+            None,
+        )
+    };
     let ended = format!("/api/sessions/{}/end", presenter.session_id);
     api.act(&ended, Some(&presenter.token)).await;
     let mut seen = Vec::with_capacity(tasks.len());
@@ -429,7 +515,7 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let rss_per_conn = idle_server.zip(connected_server).map(|(a, b)| {
-        (b.rss_bytes.saturating_sub(a.rss_bytes)) as f64 / 1024.0 / (clients + 1) as f64
+        (b.rss_bytes.saturating_sub(a.rss_bytes)) as f64 / 1024.0 / (sockets + 1) as f64
     });
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let own_share = own_cpu / wall.as_secs_f64() / threads;
@@ -445,11 +531,17 @@ async fn main() -> anyhow::Result<()> {
     let worst_recovery = recoveries.iter().copied().fold(0.0, f64::max);
     let unrecovered = seen.iter().filter(|s| s.recovered == Some(false)).count();
 
-    println!(
-        "{scenario}: {} clients + presenter ({format_name}), {rate} votes/s for {:.0} s",
-        clients,
-        length.as_secs_f64()
-    );
+    if scenario == "ingest" {
+        println!(
+            "{scenario}: {clients} voters, {concurrency} in flight, presenter listening ({format_name}); tally exact: {}",
+            exact == Some(true)
+        );
+    } else {
+        println!(
+            "{scenario}: {clients} clients + presenter ({format_name}), {rate} votes/s for {:.0} s",
+            length.as_secs_f64()
+        );
+    }
     println!(
         "  latency commit→parsed: p50 {:.1} ms, p90 {:.1}, p99 {:.1}, p99.9 {:.1}, max {:.1} (server histogram p99 {})",
         pct(&latencies, 0.5),
@@ -462,7 +554,7 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "  {:.0} deliveries/s, {:.0} votes/s accepted ({} of {} sent); lost {lost}, duplicated {duplicates}, failed connections {failed}",
         frames as f64 / wall.as_secs_f64(),
-        votes.accepted as f64 / wall.as_secs_f64(),
+        votes.accepted as f64 / votes.elapsed.as_secs_f64().max(1e-9),
         votes.accepted,
         votes.sent,
     );
@@ -510,7 +602,7 @@ async fn main() -> anyhow::Result<()> {
         },
         "server_histogram_p99_ms": server_p99,
         "deliveries_per_sec": frames as f64 / wall.as_secs_f64(),
-        "votes_per_sec": votes.accepted as f64 / wall.as_secs_f64(),
+        "votes_per_sec": votes.accepted as f64 / votes.elapsed.as_secs_f64().max(1e-9),
         "votes_sent": votes.sent,
         "votes_accepted": votes.accepted,
         "lost": lost,
@@ -523,6 +615,7 @@ async fn main() -> anyhow::Result<()> {
         "loadgen_saturated": saturated,
         "storm_recovery_max_ms": (scenario == "reconnect-storm").then_some(worst_recovery),
         "storm_unrecovered": (scenario == "reconnect-storm").then_some(unrecovered),
+        "tally_exact": exact,
     });
     println!("{line}");
     Ok(())
