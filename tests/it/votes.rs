@@ -122,6 +122,13 @@ async fn vote_on_draft_or_closed_poll_is_poll_not_active(backend: Backend) {
         .await
         .expect_error(409, "poll_not_active");
     let active = t.api.active_poll(&p).await;
+    // A vote while it is active: the server now knows it as active, and must
+    // still read its status again for the next vote.
+    let bo = t.api.join(&p.code, "Bo").await;
+    t.api
+        .vote(&id_of(&active), &bo.token, &[&option_id(&active, 0)])
+        .await
+        .expect(201);
     t.api
         .act(
             &format!("/api/polls/{}/close", id_of(&active)),

@@ -106,6 +106,8 @@ struct Inner {
     results: results::Coalescer,
     /// Each session's vote batch task.
     votes: vote_batch::VoteBatches,
+    /// Polls seen active, for the checks a vote makes before its batch.
+    active_polls: votes::ActivePolls,
 }
 
 impl Domain {
@@ -124,6 +126,7 @@ impl Domain {
                 keys,
                 results: results::Coalescer::default(),
                 votes: vote_batch::VoteBatches::default(),
+                active_polls: votes::ActivePolls::default(),
                 config,
                 relay_wake: Arc::new(Notify::new()),
             }),

@@ -213,15 +213,22 @@ impl Domain {
     ) -> DomainResult<(Vec<DomainResult<Vote>>, HashSet<Uuid>, u64)> {
         let mut tx = SessionTx::begin(self, session_id).await?;
         let polls: HashSet<Uuid> = ballots.iter().map(|b| b.poll_id).collect();
-        let active: HashSet<Uuid> = poll::Entity::find()
+        // Every poll of the batch that exists, and which of them are active. A
+        // ballot's poll was read before the batch, possibly long before (see
+        // `votes::ActivePolls`); only this read decides.
+        let statuses: HashMap<Uuid, String> = poll::Entity::find()
             .select_only()
-            .column(poll::Column::Id)
+            .columns([poll::Column::Id, poll::Column::Status])
             .filter(poll::Column::Id.is_in(polls))
-            .filter(poll::Column::Status.eq(PollStatus::Active.as_str()))
             .into_tuple()
             .all(&tx.txn)
             .await?
             .into_iter()
+            .collect();
+        let active: HashSet<Uuid> = statuses
+            .iter()
+            .filter(|(_, status)| status.as_str() == PollStatus::Active.as_str())
+            .map(|(id, _)| *id)
             .collect();
         // A signed token is no proof its participant exists here (the database may
         // have been reset under the same secret): one query for the whole batch.
@@ -258,6 +265,12 @@ impl Domain {
         let mut outcomes = Vec::with_capacity(ballots.len());
         let mut accepted_polls = HashSet::new();
         for ballot in ballots {
+            if !statuses.contains_key(&ballot.poll_id) {
+                // Gone since it was read (its session's retention): as a fresh
+                // read would have answered.
+                outcomes.push(Err(DomainError::PollNotFound));
+                continue;
+            }
             if !voters.contains(&ballot.participant_id) {
                 // Refused before the vote is considered: no event, no stored answer.
                 outcomes.push(Err(DomainError::Unauthorized(
@@ -329,6 +342,7 @@ impl Domain {
                 Ok(_) => "accepted",
                 Err(DomainError::VoteRejected { reason, .. }) => reason.code(),
                 Err(DomainError::Unauthorized(_)) => "unauthorized",
+                Err(DomainError::PollNotFound) => "poll_not_found",
                 Err(_) => "error",
             };
             metrics::counter!("pollcast_votes_total", "outcome" => label).increment(1);

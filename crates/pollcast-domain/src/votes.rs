@@ -6,6 +6,14 @@
 //! active, the vote not a second one, the idempotency key not answered yet) is
 //! decided in [`crate::vote_batch`], which commits many votes of a session in one
 //! transaction.
+//!
+//! A poll's question, options, kind and session never change, so a vote on a
+//! poll already seen active reads none of them from the database: the checks
+//! before the batch use a copy kept in memory ([`ActivePolls`]), and the batch
+//! reads the poll's status under the session's lock as always.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use pollcast_protocol::{Poll, PollKind, PollStatus, Vote};
 use pollcast_store::idempotency_key;
@@ -15,6 +23,32 @@ use uuid::Uuid;
 
 use crate::vote_batch::Ballot;
 use crate::{Access, Claims, Domain, DomainError, DomainResult, VoteRejection, convert};
+
+/// Polls kept by [`ActivePolls`]; past it the copies are dropped and read again.
+const ACTIVE_POLLS_KEPT: usize = 10_000;
+
+/// Polls read as active, by id: what a vote checks before its batch.
+#[derive(Default)]
+pub(crate) struct ActivePolls(Mutex<HashMap<Uuid, Arc<Poll>>>);
+
+impl ActivePolls {
+    fn get(&self, id: Uuid) -> Option<Arc<Poll>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    fn keep(&self, poll: Arc<Poll>) {
+        let mut polls = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if polls.len() >= ACTIVE_POLLS_KEPT {
+            // Simpler than an LRU: a miss costs one read.
+            polls.clear();
+        }
+        polls.insert(poll.id, poll);
+    }
+}
 
 /// Longest `Idempotency-Key` kept.
 pub const MAX_IDEMPOTENCY_KEY: usize = 255;
@@ -69,18 +103,29 @@ impl Domain {
                 "Idempotency-Key must be 1–{MAX_IDEMPOTENCY_KEY} bytes"
             )));
         }
-        let row = self.poll_row(claims, poll_id).await?;
-        let participant_id = claims.require_participant(row.session_id)?;
+        let poll = match self.inner.active_polls.get(poll_id) {
+            Some(poll) => {
+                claims.require_session(poll.session_id)?;
+                poll
+            }
+            None => {
+                let poll = Arc::new(convert::poll(&self.poll_row(claims, poll_id).await?)?);
+                if poll.status == PollStatus::Active {
+                    self.inner.active_polls.keep(Arc::clone(&poll));
+                }
+                poll
+            }
+        };
+        let participant_id = claims.require_participant(poll.session_id)?;
         // A retry answered long ago needs no lock: answer it straight away.
         if let Some(key) = key.as_deref()
             && let Some(answer) = stored_answer(self.db(), participant_id, key).await?
         {
             return answer.into_result();
         }
-        let poll = convert::poll(&row)?;
         // A poll read as inactive here is refused without the lock (it can only have
-        // been activated since in a race the client cannot tell apart); a poll read as
-        // active is checked again under the lock.
+        // been activated since in a race the client cannot tell apart); a poll read
+        // (or kept) as active is checked again under the lock.
         let choice = if poll.status == PollStatus::Active {
             check_options(&poll, &request.option_ids)
         } else {
