@@ -9,6 +9,7 @@ mod m20261127_000001_connections;
 mod m20261127_000002_retention;
 mod m20261127_000003_session_counts;
 mod m20261127_000004_participant_order;
+mod m20261128_000001_kept_tallies;
 
 /// Runs pollcast's migrations in order.
 pub struct Migrator;
@@ -22,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000002_retention::Migration),
             Box::new(m20261127_000003_session_counts::Migration),
             Box::new(m20261127_000004_participant_order::Migration),
+            Box::new(m20261128_000001_kept_tallies::Migration),
         ]
     }
 }

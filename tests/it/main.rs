@@ -5,6 +5,7 @@ mod auth;
 mod concurrency;
 mod events;
 mod health;
+mod migrations;
 mod nats_configs;
 mod outbox;
 mod polls;

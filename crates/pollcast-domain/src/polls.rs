@@ -128,6 +128,7 @@ impl Domain {
             created_at: Set(tx.now.datetime()),
             activated_at: Set(None),
             closed_at: Set(None),
+            total_votes: Set(0),
         }
         .insert(&tx.txn)
         .await?;
@@ -265,7 +266,7 @@ impl Domain {
         let row = closing.update(&tx.txn).await?;
         set_active_poll(tx, None).await?;
         let poll = convert::poll(&row)?;
-        let results = crate::results::tally(&tx.txn, &poll).await?;
+        let results = crate::results::tally(&tx.txn, &row, &poll).await?;
         tx.emit(DomainEvent::ResultsUpdated {
             results: results.clone(),
         });

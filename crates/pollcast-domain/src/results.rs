@@ -1,4 +1,4 @@
-//! Results: exact tallies counted by the database, and the coalescing of
+//! Results: exact tallies kept by the vote batch, and the coalescing of
 //! `results:updated` so a storm of votes costs one event per interval, not one per
 //! vote.
 //!
@@ -9,15 +9,14 @@
 //! that has had no vote for [`AUDIT_QUIET`] (no healthy timer anywhere is about to
 //! cover it), gets a fresh `results:updated`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use pollcast_protocol::{DomainEvent, OptionResult, Poll, PollStatus, Results};
-use pollcast_store::{outbox, poll, vote, vote_choice};
+use pollcast_store::{option_tally, outbox, poll, vote};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
-    QuerySelect,
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
     sea_query::{Expr, ExprTrait},
 };
 use tokio::sync::watch;
@@ -26,36 +25,37 @@ use uuid::Uuid;
 use crate::tx::SessionTx;
 use crate::{Claims, Domain, DomainResult, convert};
 
-/// Counts `poll`'s votes as the connection sees them; inside a session
-/// transaction that is exactly the committed votes.
-pub(crate) async fn tally<C: ConnectionTrait>(conn: &C, poll: &Poll) -> DomainResult<Results> {
-    let counts: Vec<(Uuid, i64)> = vote_choice::Entity::find()
+/// The poll's tally as the connection sees it: the total kept on its row and the
+/// per-option counts kept beside it, both changed only in the transaction that
+/// writes the votes, so inside a session transaction this is exactly the
+/// committed votes. `row` must be the poll's row as read through `conn`.
+pub(crate) async fn tally<C: ConnectionTrait>(
+    conn: &C,
+    row: &poll::Model,
+    poll: &Poll,
+) -> DomainResult<Results> {
+    let counts: HashMap<Uuid, i64> = option_tally::Entity::find()
         .select_only()
-        .column(vote_choice::Column::OptionId)
-        .column_as(Expr::col(vote_choice::Column::VoteId).count(), "votes")
-        .filter(vote_choice::Column::PollId.eq(poll.id))
-        .group_by(vote_choice::Column::OptionId)
-        .into_tuple()
+        .columns([option_tally::Column::OptionId, option_tally::Column::Votes])
+        .filter(option_tally::Column::PollId.eq(poll.id))
+        .into_tuple::<(Uuid, i64)>()
         .all(conn)
-        .await?;
-    let total_votes = vote::Entity::find()
-        .filter(vote::Column::PollId.eq(poll.id))
-        .count(conn)
-        .await?;
+        .await?
+        .into_iter()
+        .collect();
     let options = poll
         .options
         .iter()
         .map(|option| OptionResult {
             option_id: option.id,
             votes: counts
-                .iter()
-                .find(|(id, _)| *id == option.id)
-                .map_or(0, |(_, n)| u64::try_from(*n).unwrap_or(0)),
+                .get(&option.id)
+                .map_or(0, |n| u64::try_from(*n).unwrap_or(0)),
         })
         .collect();
     Ok(Results {
         poll_id: poll.id,
-        total_votes,
+        total_votes: u64::try_from(row.total_votes).unwrap_or(0),
         options,
         is_final: poll.status == PollStatus::Closed,
     })
@@ -106,7 +106,7 @@ impl Domain {
     pub async fn results(&self, claims: &Claims, poll_id: Uuid) -> DomainResult<Results> {
         let row = self.poll_row(claims, poll_id).await?;
         let poll = convert::poll(&row)?;
-        tally(self.db(), &poll).await
+        tally(self.db(), &row, &poll).await
     }
 
     /// Schedules a `results:updated` for the poll unless one is already pending;
@@ -145,7 +145,7 @@ impl Domain {
         if poll.status != PollStatus::Active {
             return Ok(());
         }
-        let results = tally(&tx.txn, &poll).await?;
+        let results = tally(&tx.txn, &row, &poll).await?;
         tx.emit(DomainEvent::ResultsUpdated { results });
         tx.commit(self).await
     }
@@ -194,7 +194,7 @@ impl Domain {
                 continue;
             }
             let poll = convert::poll(&row)?;
-            let current = tally(self.db(), &poll).await?;
+            let current = tally(self.db(), &row, &poll).await?;
             let published = self.last_published_results(row.session_id, row.id).await?;
             let behind = published.is_none_or(|p| {
                 p.total_votes != current.total_votes || p.options != current.options

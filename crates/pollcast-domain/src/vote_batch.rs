@@ -21,7 +21,8 @@
 //! one gets the error.
 
 use pollcast_protocol::{DomainEvent, PollStatus, Vote};
-use pollcast_store::{idempotency_key, participant, poll, vote, vote_choice};
+use pollcast_store::{idempotency_key, option_tally, participant, poll, vote, vote_choice};
+use sea_orm::sea_query::{Alias, Expr, ExprTrait, OnConflict};
 use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QuerySelect};
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -362,6 +363,9 @@ struct Rows {
     votes: Vec<vote::ActiveModel>,
     choices: Vec<vote_choice::ActiveModel>,
     keys: Vec<idempotency_key::ActiveModel>,
+    /// What the batch adds to each poll's kept tally: its votes, and the votes
+    /// of each option chosen.
+    tallies: HashMap<Uuid, (i64, HashMap<Uuid, i64>)>,
 }
 
 impl Rows {
@@ -387,11 +391,16 @@ impl Rows {
                 option_id: Set(option_id),
                 poll_id: Set(vote.poll_id),
             }));
+        let (total, per_option) = self.tallies.entry(vote.poll_id).or_default();
+        *total += 1;
+        for option_id in options {
+            *per_option.entry(*option_id).or_default() += 1;
+        }
         Ok(vote)
     }
 
-    /// Writes everything gathered, a few statements per table. Votes first:
-    /// choices refer to them.
+    /// Writes everything gathered, a few statements per table, and adds the
+    /// batch's votes to the kept tallies. Votes first: choices refer to them.
     async fn write(self, tx: &SessionTx) -> DomainResult<()> {
         for chunk in self.votes.chunks(ROWS_PER_INSERT) {
             vote::Entity::insert_many(chunk.to_vec())
@@ -405,6 +414,42 @@ impl Rows {
         }
         for chunk in self.keys.chunks(ROWS_PER_INSERT) {
             idempotency_key::Entity::insert_many(chunk.to_vec())
+                .exec_without_returning(&tx.txn)
+                .await?;
+        }
+        for (poll_id, (total, per_option)) in self.tallies {
+            // Increments: the batch never needs to read the tally it adds to.
+            poll::Entity::update_many()
+                .col_expr(
+                    poll::Column::TotalVotes,
+                    Expr::col(poll::Column::TotalVotes).add(total),
+                )
+                .filter(poll::Column::Id.eq(poll_id))
+                .exec(&tx.txn)
+                .await?;
+            let added =
+                per_option
+                    .into_iter()
+                    .map(|(option_id, votes)| option_tally::ActiveModel {
+                        poll_id: Set(poll_id),
+                        option_id: Set(option_id),
+                        votes: Set(votes),
+                    });
+            // An option's first votes insert its row; later ones add to it.
+            option_tally::Entity::insert_many(added)
+                .on_conflict(
+                    OnConflict::columns([
+                        option_tally::Column::PollId,
+                        option_tally::Column::OptionId,
+                    ])
+                    .value(
+                        option_tally::Column::Votes,
+                        Expr::col((option_tally::Entity, option_tally::Column::Votes)).add(
+                            Expr::col((Alias::new("excluded"), option_tally::Column::Votes)),
+                        ),
+                    )
+                    .to_owned(),
+                )
                 .exec_without_returning(&tx.txn)
                 .await?;
         }

@@ -2,6 +2,7 @@
 
 pub mod connection;
 pub mod idempotency_key;
+pub mod option_tally;
 pub mod outbox;
 pub mod participant;
 pub mod poll;

@@ -12,7 +12,8 @@ use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbE
 pub mod entity;
 
 pub use entity::{
-    connection, idempotency_key, outbox, participant, poll, session, vote, vote_choice,
+    connection, idempotency_key, option_tally, outbox, participant, poll, session, vote,
+    vote_choice,
 };
 pub use sea_orm;
 

@@ -27,6 +27,8 @@ pub struct Model {
     pub activated_at: Option<DateTimeUtc>,
     /// Close time.
     pub closed_at: Option<DateTimeUtc>,
+    /// Votes cast, kept by the vote batch (see `option_tally`).
+    pub total_votes: i64,
 }
 
 /// No relations are navigated through the ORM; joins are explicit queries.
