@@ -233,15 +233,19 @@ impl Domain {
             .collect();
         // A signed token is no proof its participant exists here (the database may
         // have been reset under the same secret): one query for the whole batch.
+        // Looked up by id alone, the session compared here: given the session as
+        // well, SQLite's planner walks the session's index, every participant of
+        // it, instead of one primary-key probe per voter.
         let voters: HashSet<Uuid> = participant::Entity::find()
             .select_only()
-            .column(participant::Column::Id)
+            .columns([participant::Column::Id, participant::Column::SessionId])
             .filter(participant::Column::Id.is_in(ballots.iter().map(|b| b.participant_id)))
-            .filter(participant::Column::SessionId.eq(session_id))
-            .into_tuple()
+            .into_tuple::<(Uuid, Uuid)>()
             .all(&tx.txn)
             .await?
             .into_iter()
+            .filter(|(_, session)| *session == session_id)
+            .map(|(id, _)| id)
             .collect();
         // First answers to the batch's keys, including those given earlier in this
         // batch (a retry queued behind its original).
