@@ -95,7 +95,50 @@ async fn events_pending_at_a_restart_are_published_exactly_once_after_it(backend
     assert_eq!(events[count as usize].event.event_type(), "poll:created");
 }
 
+/// Events of several sessions published in one relay pass are all marked as
+/// published (one statement marks every session's range), so none is sent again.
+async fn a_pass_over_many_sessions_marks_each_published(backend: Backend) {
+    use pollcast_store::outbox;
+    use pollcast_store::sea_orm::{
+        ColumnTrait, Database, EntityTrait, PaginatorTrait, QueryFilter,
+    };
+
+    let stream = SwitchableStream::down();
+    let options = Options {
+        stream: stream.clone(),
+        ..Options::default()
+    };
+    let t = TestServer::start_with(backend, options).await;
+    let mut sessions = Vec::new();
+    for _ in 0..3 {
+        sessions.push(changes_while_stream_is_down(&t).await);
+    }
+    let db = Database::connect(&t.database_url).await.expect("connect");
+    let pending = || async {
+        outbox::Entity::find()
+            .filter(outbox::Column::PublishedAt.is_null())
+            .count(&db)
+            .await
+            .expect("count pending")
+    };
+    assert_eq!(pending().await, 18, "every event waits for the stream");
+    stream.set_up(true);
+    for (_, session, count) in &sessions {
+        assert_exactly_once(&t.events(*session, *count).await, *count);
+    }
+    // The mark follows the publish; wait for it, bounded.
+    let marked = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while pending().await > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(marked.is_ok(), "{} events still unmarked", pending().await);
+    assert_eq!(stream.duplicates(), 0, "no event was published twice");
+}
+
 pollcast_tests::on_both_backends!(
+    a_pass_over_many_sessions_marks_each_published,
     events_committed_while_the_stream_is_down_arrive_once_it_is_back,
     events_pending_at_a_restart_are_published_exactly_once_after_it,
 );

@@ -19,6 +19,8 @@ pub struct SwitchableStream {
     down: AtomicBool,
     /// Presence signals reported, by kind: connected, seen, disconnected.
     reported: [std::sync::atomic::AtomicUsize; 3],
+    /// Events published again after the stream already held them.
+    duplicates: std::sync::atomic::AtomicUsize,
 }
 
 impl SwitchableStream {
@@ -39,6 +41,12 @@ impl SwitchableStream {
         self.reported[kind as usize].load(Ordering::SeqCst)
     }
 
+    /// Events published again after the stream already held them (the relay
+    /// repeats what it could not mark as published).
+    pub fn duplicates(&self) -> usize {
+        self.duplicates.load(Ordering::SeqCst)
+    }
+
     fn check(&self) -> Result<(), StreamError> {
         if self.down.load(Ordering::SeqCst) {
             Err(StreamError::Unavailable("switched off by the test".into()))
@@ -52,7 +60,11 @@ impl SwitchableStream {
 impl EventStream for SwitchableStream {
     async fn publish(&self, event: SessionEvent) -> Result<Published, StreamError> {
         self.check()?;
-        self.inner.publish(event).await
+        let published = self.inner.publish(event).await;
+        if matches!(published, Ok(Published::Duplicate)) {
+            self.duplicates.fetch_add(1, Ordering::SeqCst);
+        }
+        published
     }
 
     async fn read_after(

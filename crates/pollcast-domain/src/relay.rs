@@ -16,13 +16,16 @@ use pollcast_store::outbox;
 use pollcast_stream::{EventStream, StreamError};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
-    QuerySelect,
+    ColumnTrait, Condition, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter,
+    QueryOrder, QuerySelect,
 };
 use tokio::sync::{Notify, watch};
 use uuid::Uuid;
 
 use crate::{DomainError, DomainResult};
+
+/// Sessions whose published ranges one `UPDATE` marks (three bound values each).
+const MARK_PER_STATEMENT: usize = 256;
 
 /// Pending events read per round trip.
 const BATCH: u64 = 512;
@@ -206,14 +209,26 @@ impl Relay {
         (published, None)
     }
 
+    /// Marks what the stream now holds, one statement for up to
+    /// [`MARK_PER_STATEMENT`] sessions: with many small sessions a pass publishes
+    /// a little of each, and a statement per session (each its own commit) made
+    /// the relay's bookkeeping cost more than the events.
     async fn mark_published(&self, published: &HashMap<Uuid, (i64, i64)>) -> DomainResult<()> {
         let now = chrono::Utc::now();
-        for (&session_id, &(first, last)) in published {
+        let ranges: Vec<_> = published.iter().collect();
+        for chunk in ranges.chunks(MARK_PER_STATEMENT) {
+            let mut any = Condition::any();
+            for &(&session_id, &(first, last)) in chunk {
+                any = any.add(
+                    Condition::all()
+                        .add(outbox::Column::SessionId.eq(session_id))
+                        .add(outbox::Column::Position.between(first, last)),
+                );
+            }
             outbox::Entity::update_many()
                 .col_expr(outbox::Column::PublishedAt, Expr::value(now))
-                .filter(outbox::Column::SessionId.eq(session_id))
-                .filter(outbox::Column::Position.between(first, last))
                 .filter(outbox::Column::PublishedAt.is_null())
+                .filter(any)
                 .exec(&self.db)
                 .await?;
         }
