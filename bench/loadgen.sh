@@ -6,6 +6,7 @@
 #   bench/loadgen.sh fanout --clients 2000 --votes-per-sec 1000 --seconds 15
 #   RUNS=5 FORMAT=msgpack bench/loadgen.sh reconnect-storm --clients 10000
 #   bench/loadgen.sh ingest --voters 20000 --concurrency 64
+#   bench/loadgen.sh rooms --rooms 200 --participants 25 --votes-per-sec 1000
 #
 # Extra server flags: SERVER_FLAGS="--sqlite-synchronous normal" bench/loadgen.sh …
 # Another server build (say, a baseline from a worktree): SERVER_BIN=/path/to/pollcast

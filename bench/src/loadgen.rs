@@ -11,7 +11,9 @@
 //! rate, results coalesced), `reconnect-storm` (the same, and mid-run every client
 //! drops and reconnects with `lastEventId` at once), `ingest` (votes as fast as
 //! the server takes them, only the presenter on a socket, then the tally checked
-//! against the votes accepted). Each run prints a summary and one JSON line.
+//! against the votes accepted), `rooms` (many small sessions, every participant
+//! on a socket, votes spread over them). Each run prints a summary and one JSON
+//! line.
 //! Loopback only; every run is bounded in count and in time.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -72,6 +74,22 @@ enum Scenario {
         votes_per_sec: u32,
         /// Seconds of load (at most 120); the storm is at half time.
         #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// Many sessions of a few dozen participants, every one connected, votes at
+    /// a steady total rate spread over the sessions in turn.
+    Rooms {
+        /// Sessions, each with its presenter connected.
+        #[arg(long, default_value_t = 200)]
+        rooms: usize,
+        /// Participant sockets per session.
+        #[arg(long, default_value_t = 25)]
+        participants: usize,
+        /// Votes per second, all sessions together.
+        #[arg(long, default_value_t = 1000)]
+        votes_per_sec: u32,
+        /// Seconds of load (at most 120).
+        #[arg(long, default_value_t = 15)]
         seconds: u64,
     },
     /// Votes as fast as the server takes them: every participant votes once on
@@ -243,6 +261,12 @@ impl Client {
     }
 }
 
+/// One session of the run: its presenter and the participants who joined.
+struct Room {
+    presenter: Presenter,
+    joined: Vec<Joiner>,
+}
+
 /// The votes sent and how they were answered.
 #[derive(Default)]
 struct VoteLoad {
@@ -254,11 +278,11 @@ struct VoteLoad {
     elapsed: Duration,
 }
 
-/// Sends votes at `rate` for `length`, rotating polls when everyone has voted.
+/// Sends votes at `rate` for `length`, to the rooms in turn, rotating a room's
+/// poll when everyone in it has voted.
 async fn vote(
     api: &Api,
-    presenter: &Presenter,
-    voters: &[Joiner],
+    rooms: &[Room],
     rate: u32,
     length: Duration,
     storm: Option<(Duration, watch::Sender<Phase>)>,
@@ -266,8 +290,12 @@ async fn vote(
     let in_flight = Arc::new(Semaphore::new(512));
     let accepted = Arc::new(AtomicU64::new(0));
     let mut load = VoteLoad::default();
-    let mut poll = api.active_poll(presenter).await;
-    let mut next = 0usize;
+    // Each room's active poll and its next voter.
+    let mut polls = Vec::with_capacity(rooms.len());
+    for room in rooms {
+        polls.push((api.active_poll(&room.presenter).await, 0usize));
+    }
+    let mut turn = 0usize;
     let tick = Duration::from_millis(10);
     let per_tick = f64::from(rate) * tick.as_secs_f64();
     let started = Instant::now();
@@ -286,14 +314,20 @@ async fn vote(
         owed += per_tick;
         while owed >= 1.0 {
             owed -= 1.0;
-            if next == voters.len() {
-                let close = format!("/api/polls/{}/close", id_of(&poll));
-                api.act(&close, Some(&presenter.token)).await;
-                poll = api.active_poll(presenter).await;
-                next = 0;
+            let room = &rooms[turn % rooms.len()];
+            let (poll, next) = &mut polls[turn % rooms.len()];
+            turn += 1;
+            if room.joined.is_empty() {
+                continue;
             }
-            let (api, token) = (api.clone(), voters[next].token.clone());
-            let (poll_id, option) = (id_of(&poll), option_id(&poll, next % 3));
+            if *next == room.joined.len() {
+                let close = format!("/api/polls/{}/close", id_of(poll));
+                api.act(&close, Some(&room.presenter.token)).await;
+                *poll = api.active_poll(&room.presenter).await;
+                *next = 0;
+            }
+            let (api, token) = (api.clone(), room.joined[*next].token.clone());
+            let (poll_id, option) = (id_of(poll), option_id(poll, *next % 3));
             let permit = Arc::clone(&in_flight).acquire_owned().await?;
             let accepted = Arc::clone(&accepted);
             tokio::spawn(async move {
@@ -302,7 +336,7 @@ async fn vote(
                 }
                 drop(permit);
             });
-            next += 1;
+            *next += 1;
             load.sent += 1;
         }
     }
@@ -384,21 +418,37 @@ async fn main() -> anyhow::Result<()> {
         "msgpack" => (WireFormat::MessagePack, "msgpack"),
         _ => (WireFormat::Json, "json"),
     };
-    // `sockets`: participants that also listen; `rate` 0: as fast as taken.
-    let (scenario, clients, sockets, rate, seconds, concurrency) = match args.scenario {
+    // `rooms` sessions of `per_room` participants each, who listen on a socket
+    // when `listening`; `rate` 0: as fast as taken.
+    let (scenario, rooms, per_room, listening, rate, seconds, concurrency) = match args.scenario {
         Scenario::Fanout {
             clients,
             votes_per_sec,
             seconds,
-        } => ("fanout", clients, clients, votes_per_sec, seconds, 0),
+        } => ("fanout", 1, clients, true, votes_per_sec, seconds, 0),
         Scenario::ReconnectStorm {
             clients,
             votes_per_sec,
             seconds,
         } => (
             "reconnect-storm",
+            1,
             clients,
-            clients,
+            true,
+            votes_per_sec,
+            seconds,
+            0,
+        ),
+        Scenario::Rooms {
+            rooms,
+            participants,
+            votes_per_sec,
+            seconds,
+        } => (
+            "rooms",
+            rooms.max(1),
+            participants,
+            true,
             votes_per_sec,
             seconds,
             0,
@@ -407,8 +457,9 @@ async fn main() -> anyhow::Result<()> {
             voters,
             concurrency,
             seconds,
-        } => ("ingest", voters, 0, 0, seconds, concurrency),
+        } => ("ingest", 1, voters, false, 0, seconds, concurrency),
     };
+    let clients = rooms * per_room;
     let length = Duration::from_secs(seconds.min(120));
     let server_pid = args.server_pid.map(|p| p.to_string());
     let read_server = || server_pid.as_deref().and_then(|p| proc_stat(p).ok());
@@ -419,33 +470,45 @@ async fn main() -> anyhow::Result<()> {
         Some(Buckets::from_scrape(&text))
     };
 
-    // Set-up: a session, its participants, a socket each.
-    let presenter = api.started_session().await;
-    let joined = tokio::time::timeout(PHASE_LIMIT, join_all(&api, &presenter, clients)).await??;
+    // Set-up: the sessions, their participants, a socket each.
+    let mut sessions = Vec::with_capacity(rooms);
+    for _ in 0..rooms {
+        let presenter = api.started_session().await;
+        let joined =
+            tokio::time::timeout(PHASE_LIMIT, join_all(&api, &presenter, per_room)).await??;
+        sessions.push(Room { presenter, joined });
+    }
     let idle_server = read_server();
     let ready = Arc::new(AtomicU64::new(0));
     let (phase_tx, phase_rx) = watch::channel(Phase::Run);
-    let mut tasks = Vec::with_capacity(sockets + 1);
-    let tokens = std::iter::once(presenter.token.clone())
-        .chain(joined.iter().take(sockets).map(|j| j.token.clone()));
-    for (i, token) in tokens.enumerate() {
-        let source = Ipv4Addr::new(127, 0, 0, 1 + (i % usize::from(args.sources.max(1))) as u8);
-        let client = Client {
-            server,
-            source: IpAddr::V4(source),
-            session: presenter.session_id.clone(),
-            session_id: presenter.session_id.parse()?,
-            token,
-            format,
-            format_name,
-        };
-        tasks.push(tokio::spawn(
-            client.run(Arc::clone(&ready), phase_rx.clone()),
-        ));
-        // Connect in waves: a listen backlog of thousands at once drops SYNs.
-        if i % 256 == 255 {
-            while ready.load(Ordering::Relaxed) + 64 < i as u64 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
+    // Each socket's room; a room's presenter comes first among its sockets.
+    let mut task_rooms = Vec::with_capacity(clients + rooms);
+    let mut tasks = Vec::with_capacity(clients + rooms);
+    for (r, room) in sessions.iter().enumerate() {
+        let listeners = if listening { room.joined.len() } else { 0 };
+        let tokens = std::iter::once(room.presenter.token.clone())
+            .chain(room.joined.iter().take(listeners).map(|j| j.token.clone()));
+        for token in tokens {
+            let i = tasks.len();
+            let source = Ipv4Addr::new(127, 0, 0, 1 + (i % usize::from(args.sources.max(1))) as u8);
+            let client = Client {
+                server,
+                source: IpAddr::V4(source),
+                session: room.presenter.session_id.clone(),
+                session_id: room.presenter.session_id.parse()?,
+                token,
+                format,
+                format_name,
+            };
+            task_rooms.push(r);
+            tasks.push(tokio::spawn(
+                client.run(Arc::clone(&ready), phase_rx.clone()),
+            ));
+            // Connect in waves: a listen backlog of thousands at once drops SYNs.
+            if i % 256 == 255 {
+                while ready.load(Ordering::Relaxed) + 64 < i as u64 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
             }
         }
     }
@@ -462,16 +525,17 @@ async fn main() -> anyhow::Result<()> {
     // Load.
     let storm = (scenario == "reconnect-storm").then(|| (length / 2, phase_tx));
     let (votes, exact) = if scenario == "ingest" {
-        let (votes, exact) = ingest(&api, &presenter, &joined, concurrency, length).await?;
+        let room = &sessions[0];
+        let (votes, exact) =
+            ingest(&api, &room.presenter, &room.joined, concurrency, length).await?;
         (votes, Some(exact))
     } else {
-        (
-            vote(&api, &presenter, &joined, rate, length, storm).await?,
-            None,
-        )
+        (vote(&api, &sessions, rate, length, storm).await?, None)
     };
-    let ended = format!("/api/sessions/{}/end", presenter.session_id);
-    api.act(&ended, Some(&presenter.token)).await;
+    for room in &sessions {
+        let ended = format!("/api/sessions/{}/end", room.presenter.session_id);
+        api.act(&ended, Some(&room.presenter.token)).await;
+    }
     let mut seen = Vec::with_capacity(tasks.len());
     for task in tasks {
         match tokio::time::timeout(WAIT, task).await {
@@ -488,11 +552,16 @@ async fn main() -> anyhow::Result<()> {
     let after_buckets = scrape().await;
 
     // Figures.
-    let presenter_room = seen[0].room_events;
+    // Every member of a room must have seen what its presenter saw.
+    let mut presenter_saw = vec![0u64; rooms];
+    for (i, s) in seen.iter().enumerate().rev() {
+        presenter_saw[task_rooms[i]] = s.room_events;
+    }
     let lost: u64 = seen
         .iter()
-        .filter(|s| !s.failed)
-        .map(|s| presenter_room.saturating_sub(s.room_events))
+        .zip(&task_rooms)
+        .filter(|(s, _)| !s.failed)
+        .map(|(s, &r)| presenter_saw[r].saturating_sub(s.room_events))
         .sum();
     let duplicates: u64 = seen.iter().map(|s| s.duplicates).sum();
     let failed = seen.iter().filter(|s| s.failed).count();
@@ -515,11 +584,14 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let rss_per_conn = idle_server.zip(connected_server).map(|(a, b)| {
-        (b.rss_bytes.saturating_sub(a.rss_bytes)) as f64 / 1024.0 / (sockets + 1) as f64
+        (b.rss_bytes.saturating_sub(a.rss_bytes)) as f64 / 1024.0 / task_rooms.len() as f64
     });
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let own_share = own_cpu / wall.as_secs_f64() / threads;
     let saturated = own_share > 0.9 || votes.behind > Duration::from_millis(500);
+    // Votes the schedule asked for: fewer sent means the answers came too slowly
+    // for the 512 requests in flight, that is, the server did not keep up.
+    let scheduled = (f64::from(rate) * length.as_secs_f64()).round() as u64;
     let server_p99 = before_buckets
         .zip(after_buckets)
         .and_then(|(b, a)| a.since(&b).quantile_ms(0.99));
@@ -535,6 +607,11 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "{scenario}: {clients} voters, {concurrency} in flight, presenter listening ({format_name}); tally exact: {}",
             exact == Some(true)
+        );
+    } else if scenario == "rooms" {
+        println!(
+            "{scenario}: {rooms} sessions of {per_room} clients + presenter ({format_name}), {rate} votes/s in all for {:.0} s",
+            length.as_secs_f64()
         );
     } else {
         println!(
@@ -558,6 +635,12 @@ async fn main() -> anyhow::Result<()> {
         votes.accepted,
         votes.sent,
     );
+    if rate > 0 && (votes.sent as f64) < 0.95 * scheduled as f64 {
+        println!(
+            "  only {} of {scheduled} scheduled votes sent: the server did not answer fast enough",
+            votes.sent
+        );
+    }
     if let Some(cpu) = server_cpu {
         println!(
             "  server CPU {:.2} s: {:.2} µs per delivered frame, {:.0} µs per accepted vote (all CPU divided by votes), RSS {:.1} KiB per connection",
@@ -593,6 +676,7 @@ async fn main() -> anyhow::Result<()> {
     let line = json!({
         "scenario": scenario,
         "clients": clients,
+        "rooms": rooms,
         "format": format_name,
         "votes_per_sec_target": rate,
         "seconds": wall.as_secs_f64(),
@@ -604,6 +688,7 @@ async fn main() -> anyhow::Result<()> {
         "deliveries_per_sec": frames as f64 / wall.as_secs_f64(),
         "votes_per_sec": votes.accepted as f64 / votes.elapsed.as_secs_f64().max(1e-9),
         "votes_sent": votes.sent,
+        "votes_scheduled": scheduled,
         "votes_accepted": votes.accepted,
         "lost": lost,
         "duplicated": duplicates,
