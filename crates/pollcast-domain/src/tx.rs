@@ -8,7 +8,9 @@
 
 use pollcast_protocol::{DomainEvent, SessionStatus, Timestamp};
 use pollcast_store::{outbox, session};
-use sea_orm::sea_query::{Expr, ExprTrait};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use sea_orm::sea_query::{CaseStatement, Expr, ExprTrait};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, TransactionTrait,
 };
@@ -103,6 +105,19 @@ pub(crate) async fn insert_outbox(
     events: &[DomainEvent],
 ) -> DomainResult<()> {
     let mut rows = Vec::with_capacity(events.len());
+    outbox_rows(&mut rows, session_id, first, at, events)?;
+    outbox::Entity::insert_many(rows).exec(txn).await?;
+    Ok(())
+}
+
+/// The outbox rows of `events` at positions `first..`, added to `rows`.
+fn outbox_rows(
+    rows: &mut Vec<outbox::ActiveModel>,
+    session_id: Uuid,
+    first: i64,
+    at: Timestamp,
+    events: &[DomainEvent],
+) -> DomainResult<()> {
     for (position, event) in (first..).zip(events) {
         rows.push(outbox::ActiveModel {
             session_id: Set(session_id),
@@ -113,6 +128,103 @@ pub(crate) async fn insert_outbox(
             published_at: Set(None),
         });
     }
-    outbox::Entity::insert_many(rows).exec(txn).await?;
     Ok(())
+}
+
+/// Outbox rows per multi-row insert (six bound values each).
+const OUTBOX_ROWS_PER_INSERT: usize = 512;
+
+/// One change to several sessions at once, for work that arrives spread over
+/// many sessions (votes in many small rooms): one transaction, one lock
+/// statement, one position update and one outbox insert for all of them,
+/// instead of a transaction each. Every session keeps its own total order: its
+/// row is locked as [`SessionTx`] locks it, and its events take consecutive
+/// positions after its last.
+pub(crate) struct SessionsTx {
+    pub txn: DatabaseTransaction,
+    /// The sessions locked, as of the lock; a session asked for that does not
+    /// exist is absent.
+    pub sessions: HashMap<Uuid, session::Model>,
+    /// When this change happens; every event of it carries this time.
+    pub now: Timestamp,
+    events: BTreeMap<Uuid, Vec<DomainEvent>>,
+}
+
+impl SessionsTx {
+    /// Begins a transaction on the sessions, locking their rows with one
+    /// statement. PostgreSQL visits the keys of an `IN` list on a primary key in
+    /// sorted order, so two such transactions lock shared rows in the same order
+    /// and cannot deadlock; a [`SessionTx`] locks only one row.
+    pub async fn begin(domain: &Domain, ids: impl IntoIterator<Item = Uuid>) -> DomainResult<Self> {
+        let ids: BTreeSet<Uuid> = ids.into_iter().collect();
+        let txn = domain.db().begin().await?;
+        let sessions = session::Entity::update_many()
+            .col_expr(
+                session::Column::LastPosition,
+                Expr::col(session::Column::LastPosition),
+            )
+            .filter(session::Column::Id.is_in(ids))
+            .exec_with_returning(&txn)
+            .await?
+            .into_iter()
+            .map(|row| (row.id, row))
+            .collect();
+        Ok(Self {
+            txn,
+            sessions,
+            now: Timestamp::now(),
+            events: BTreeMap::new(),
+        })
+    }
+
+    /// Records an event of `session_id` (one of the locked sessions) that this
+    /// change caused; it commits with the change.
+    pub fn emit(&mut self, session_id: Uuid, event: DomainEvent) {
+        self.events.entry(session_id).or_default().push(event);
+    }
+
+    /// Writes every session's events to the outbox, commits, and wakes the relay.
+    pub async fn commit(self, domain: &Domain) -> DomainResult<()> {
+        let SessionsTx {
+            txn,
+            sessions,
+            now,
+            events,
+        } = self;
+        if !events.is_empty() {
+            let mut rows = Vec::new();
+            let mut last_positions = CaseStatement::new();
+            for (session_id, events) in &events {
+                let session = sessions.get(session_id).ok_or_else(|| {
+                    DomainError::Internal("an event for a session not locked".into())
+                })?;
+                let first = session.last_position + 1;
+                last_positions = last_positions.case(
+                    session::Column::Id.eq(*session_id),
+                    Expr::value(session.last_position + events.len() as i64),
+                );
+                outbox_rows(&mut rows, *session_id, first, now, events)?;
+            }
+            session::Entity::update_many()
+                .col_expr(
+                    session::Column::LastPosition,
+                    last_positions
+                        .finally(Expr::col(session::Column::LastPosition))
+                        .into(),
+                )
+                .filter(session::Column::Id.is_in(events.keys().copied()))
+                .exec(&txn)
+                .await?;
+            for chunk in rows.chunks(OUTBOX_ROWS_PER_INSERT) {
+                outbox::Entity::insert_many(chunk.to_vec())
+                    .exec(&txn)
+                    .await?;
+            }
+        }
+        txn.commit().await?;
+        if !events.is_empty() {
+            domain.inner.relay_wake.notify_one();
+        }
+        Ok(())
+    }
 }

@@ -1,41 +1,47 @@
-//! Group commit for votes: many votes of one session in one transaction.
+//! Group commit for votes: many votes, of any sessions, in one transaction.
 //!
 //! Every change to a session runs under the session's row lock; that lock is what
 //! gives the session one total order, and it makes a session's writes serial. One
 //! transaction per vote would cap a session at what one transaction per vote costs
 //! (about 1.3 k votes/s on SQLite, see `docs/benchmarks.md`), while a keynote's
-//! audience votes within seconds. So each session has one batch task per process:
-//! votes queue for it while it commits, and it commits everything queued, up to
-//! [`MAX_BATCH`], in the next transaction: one lock, one outbox write, one commit.
-//! An idle session's task ends after `DomainConfig::vote_batch_idle`.
+//! audience votes within seconds; and many small sessions voting at once would
+//! pay a transaction (three commits, with its results and its relay mark) for
+//! every vote. So each process has one batch task: votes queue for it while it
+//! commits, and it commits everything queued, up to [`MAX_BATCH`], in the next
+//! transaction, whichever sessions the votes are for ([`SessionsTx`]): one lock
+//! statement, one outbox write, one commit. The task ends after
+//! `DomainConfig::vote_batch_idle` without votes.
 //!
 //! Inside the transaction each ballot is decided exactly as a transaction of its
 //! own would decide it: the idempotency key (already answered → that answer, no
 //! event), the poll still active, the vote not a second one (the votes already
-//! cast are read under the session's lock, and the one-vote index checks the
+//! cast are read under the sessions' locks, and the one-vote index checks the
 //! insert), then `vote:accepted` or `vote:rejected` and the key's answer. Before
-//! all that, a ballot whose participant the session does not have is refused (401).
+//! all that, a ballot whose participant its session does not have is refused
+//! (401), and one whose session is gone gets 404.
 //!
 //! A batch that fails as a whole (say, a stored answer that cannot be read)
 //! committed nothing; its ballots are then decided one by one, so only the faulty
 //! one gets the error.
 
-use pollcast_protocol::{DomainEvent, PollStatus, Vote};
+use pollcast_protocol::{DomainEvent, PollStatus, Timestamp, Vote};
 use pollcast_store::{idempotency_key, option_tally, participant, poll, vote, vote_choice};
-use sea_orm::sea_query::{Alias, Expr, ExprTrait, OnConflict};
-use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QuerySelect};
+use sea_orm::sea_query::{Alias, CaseStatement, Expr, ExprTrait, OnConflict};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QuerySelect,
+};
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::tx::SessionTx;
+use crate::tx::SessionsTx;
 use crate::votes::StoredAnswer;
 use crate::{Domain, DomainError, DomainResult, VoteRejection};
 
 /// Most votes committed in one transaction.
 const MAX_BATCH: usize = 256;
-/// Votes that may wait for a session's batch task before callers wait to queue.
+/// Votes that may wait for the batch task before callers wait to queue.
 const QUEUE: usize = 4096;
 
 /// A vote as far as it could be decided without the session lock.
@@ -54,47 +60,50 @@ struct Pending {
     answer: oneshot::Sender<DomainResult<Vote>>,
 }
 
-/// The batch task of each session with votes in flight.
+/// The queue of the batch task, while it runs.
 #[derive(Default)]
 pub(crate) struct VoteBatches {
-    queues: Mutex<HashMap<Uuid, mpsc::Sender<Pending>>>,
+    queue: Mutex<Option<mpsc::Sender<Pending>>>,
 }
 
 impl VoteBatches {
-    fn queues(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, mpsc::Sender<Pending>>> {
-        self.queues.lock().unwrap_or_else(|p| p.into_inner())
+    fn queue(&self) -> std::sync::MutexGuard<'_, Option<mpsc::Sender<Pending>>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
+/// What a committed batch did: each ballot's answer, the polls that got votes
+/// (with their sessions), and each session's participant count.
+type BatchOutcome = (
+    Vec<DomainResult<Vote>>,
+    HashSet<(Uuid, Uuid)>,
+    HashMap<Uuid, u64>,
+);
+
 impl Domain {
-    /// Queues a ballot for its session's next batch and waits for its answer.
+    /// Queues a ballot for the next batch and waits for its answer.
     pub(crate) async fn cast(&self, ballot: Ballot) -> DomainResult<Vote> {
-        let session_id = ballot.session_id;
         let (answer, answered) = oneshot::channel();
         let mut pending = Pending { ballot, answer };
         loop {
-            let queue = {
-                let mut queues = self.inner.votes.queues();
-                queues
-                    .entry(session_id)
-                    .or_insert_with(|| {
-                        let (queue, ballots) = mpsc::channel(QUEUE);
-                        tokio::spawn(run(self.clone(), session_id, ballots, queue.clone()));
-                        queue
-                    })
-                    .clone()
-            };
+            let queue = self
+                .inner
+                .votes
+                .queue()
+                .get_or_insert_with(|| {
+                    let (queue, ballots) = mpsc::channel(QUEUE);
+                    tokio::spawn(run(self.clone(), ballots, queue.clone()));
+                    queue
+                })
+                .clone();
             match queue.send(pending).await {
                 Ok(()) => break,
                 // The task retired between our lookup and the send (or died):
-                // forget its queue if it is still listed, and start again.
+                // forget its queue if it is still the one listed, and start again.
                 Err(mpsc::error::SendError(back)) => {
-                    let mut queues = self.inner.votes.queues();
-                    if queues
-                        .get(&session_id)
-                        .is_some_and(|q| q.same_channel(&queue))
-                    {
-                        queues.remove(&session_id);
+                    let mut listed = self.inner.votes.queue();
+                    if listed.as_ref().is_some_and(|q| q.same_channel(&queue)) {
+                        *listed = None;
                     }
                     pending = back;
                 }
@@ -106,13 +115,8 @@ impl Domain {
     }
 }
 
-/// The batch task of one session.
-async fn run(
-    domain: Domain,
-    session_id: Uuid,
-    mut ballots: mpsc::Receiver<Pending>,
-    me: mpsc::Sender<Pending>,
-) {
+/// The batch task.
+async fn run(domain: Domain, mut ballots: mpsc::Receiver<Pending>, me: mpsc::Sender<Pending>) {
     let idle = domain.inner.config.vote_batch_idle;
     loop {
         let first = match tokio::time::timeout(idle, ballots.recv()).await {
@@ -126,14 +130,14 @@ async fn run(
                 Err(_) => break,
             }
         }
-        domain.commit_batch(session_id, batch).await;
+        domain.commit_batch(batch).await;
     }
     // Retire: no new sender finds this queue, no sender can add to it, and what
     // is already in it is still committed.
     {
-        let mut queues = domain.inner.votes.queues();
-        if queues.get(&session_id).is_some_and(|q| q.same_channel(&me)) {
-            queues.remove(&session_id);
+        let mut listed = domain.inner.votes.queue();
+        if listed.as_ref().is_some_and(|q| q.same_channel(&me)) {
+            *listed = None;
         }
     }
     drop(me);
@@ -142,44 +146,35 @@ async fn run(
     while let Some(pending) = ballots.recv().await {
         rest.push(pending);
         if rest.len() == MAX_BATCH {
-            domain
-                .commit_batch(session_id, std::mem::take(&mut rest))
-                .await;
+            domain.commit_batch(std::mem::take(&mut rest)).await;
         }
     }
     if !rest.is_empty() {
-        domain.commit_batch(session_id, rest).await;
+        domain.commit_batch(rest).await;
     }
 }
 
 impl Domain {
     /// Commits one batch and answers every ballot in it.
-    async fn commit_batch(&self, session_id: Uuid, batch: Vec<Pending>) {
+    async fn commit_batch(&self, batch: Vec<Pending>) {
         metrics::histogram!("pollcast_vote_batch_size").record(batch.len() as f64);
         let (ballots, answers): (Vec<Ballot>, Vec<_>) =
             batch.into_iter().map(|p| (p.ballot, p.answer)).unzip();
-        match self.write_batch(session_id, &ballots).await {
-            Ok((outcomes, accepted_polls, audience)) => {
+        match self.write_batch(&ballots).await {
+            Ok((outcomes, accepted_polls, audiences)) => {
                 for (answer, outcome) in answers.into_iter().zip(outcomes) {
                     let _ = answer.send(outcome);
                 }
-                for poll_id in accepted_polls {
-                    self.vote_committed(session_id, poll_id, audience);
-                }
+                self.schedule_results(&accepted_polls, &audiences);
             }
             Err(err) if ballots.len() > 1 => {
                 // Nothing of the batch committed. One bad ballot must not fail its
                 // neighbours: decide each alone, so only the bad one gets the error.
-                tracing::warn!(%session_id, error = %err, ballots = ballots.len(), "vote batch failed; retrying its ballots one by one");
+                tracing::warn!(error = %err, ballots = ballots.len(), "vote batch failed; retrying its ballots one by one");
                 for (ballot, answer) in ballots.iter().zip(answers) {
-                    let outcome = match self
-                        .write_batch(session_id, std::slice::from_ref(ballot))
-                        .await
-                    {
-                        Ok((mut outcomes, accepted_polls, audience)) => {
-                            for poll_id in accepted_polls {
-                                self.vote_committed(session_id, poll_id, audience);
-                            }
+                    let outcome = match self.write_batch(std::slice::from_ref(ballot)).await {
+                        Ok((mut outcomes, accepted_polls, audiences)) => {
+                            self.schedule_results(&accepted_polls, &audiences);
                             outcomes
                                 .pop()
                                 .unwrap_or_else(|| Err(DomainError::Internal("no outcome".into())))
@@ -190,7 +185,7 @@ impl Domain {
                 }
             }
             Err(err) => {
-                tracing::warn!(%session_id, error = %err, "vote failed");
+                tracing::warn!(error = %err, "vote failed");
                 for answer in answers {
                     let _ = answer.send(Err(copy_of(&err)));
                 }
@@ -198,21 +193,26 @@ impl Domain {
         }
     }
 
-    /// The batch transaction; returns each ballot's answer and the polls that got
-    /// votes.
+    /// Schedules a `results:updated` for every poll that got votes.
+    fn schedule_results(&self, polls: &HashSet<(Uuid, Uuid)>, audiences: &HashMap<Uuid, u64>) {
+        for &(session_id, poll_id) in polls {
+            let audience = audiences.get(&session_id).copied().unwrap_or(0);
+            self.vote_committed(session_id, poll_id, audience);
+        }
+    }
+
+    /// The batch transaction; returns each ballot's answer, the polls that got
+    /// votes and the sessions' participant counts.
     ///
     /// Every ballot is decided in memory from what a few queries read under the
-    /// session's lock (the active polls, the voters, their stored answers, the
+    /// sessions' locks (the active polls, the voters, their stored answers, the
     /// votes they already cast), then the new rows are written with one
     /// multi-row insert per table: the statements per batch stay constant instead
-    /// of growing with its votes. The unique index still has the last word: a
-    /// vote it refuses fails the batch, whose ballots are then decided alone.
-    async fn write_batch(
-        &self,
-        session_id: Uuid,
-        ballots: &[Ballot],
-    ) -> DomainResult<(Vec<DomainResult<Vote>>, HashSet<Uuid>, u64)> {
-        let mut tx = SessionTx::begin(self, session_id).await?;
+    /// of growing with its votes or its sessions. The unique index still has the
+    /// last word: a vote it refuses fails the batch, whose ballots are then
+    /// decided alone.
+    async fn write_batch(&self, ballots: &[Ballot]) -> DomainResult<BatchOutcome> {
+        let mut tx = SessionsTx::begin(self, ballots.iter().map(|b| b.session_id)).await?;
         let polls: HashSet<Uuid> = ballots.iter().map(|b| b.poll_id).collect();
         // Every poll of the batch that exists, and which of them are active. A
         // ballot's poll was read before the batch, possibly long before (see
@@ -232,11 +232,11 @@ impl Domain {
             .map(|(id, _)| *id)
             .collect();
         // A signed token is no proof its participant exists here (the database may
-        // have been reset under the same secret): one query for the whole batch.
-        // Looked up by id alone, the session compared here: given the session as
-        // well, SQLite's planner walks the session's index, every participant of
-        // it, instead of one primary-key probe per voter.
-        let voters: HashSet<Uuid> = participant::Entity::find()
+        // have been reset under the same secret): one query for the whole batch,
+        // each voter's session compared with the ballot's. Looked up by id alone:
+        // given the session as well, SQLite's planner walks the session's index,
+        // every participant of it, instead of one primary-key probe per voter.
+        let voters: HashMap<Uuid, Uuid> = participant::Entity::find()
             .select_only()
             .columns([participant::Column::Id, participant::Column::SessionId])
             .filter(participant::Column::Id.is_in(ballots.iter().map(|b| b.participant_id)))
@@ -244,12 +244,10 @@ impl Domain {
             .all(&tx.txn)
             .await?
             .into_iter()
-            .filter(|(_, session)| *session == session_id)
-            .map(|(id, _)| id)
             .collect();
         // First answers to the batch's keys, including those given earlier in this
         // batch (a retry queued behind its original).
-        let mut answered = stored_answers(&tx, ballots).await?;
+        let mut answered = stored_answers(&tx.txn, ballots).await?;
         // Who already voted on which of the batch's active polls, then also who
         // votes in this batch.
         let mut voted: HashSet<(Uuid, Uuid)> = if active.is_empty() {
@@ -259,7 +257,7 @@ impl Domain {
                 .select_only()
                 .columns([vote::Column::PollId, vote::Column::ParticipantId])
                 .filter(vote::Column::PollId.is_in(active.iter().copied()))
-                .filter(vote::Column::ParticipantId.is_in(voters.iter().copied()))
+                .filter(vote::Column::ParticipantId.is_in(voters.keys().copied()))
                 .into_tuple()
                 .all(&tx.txn)
                 .await?
@@ -270,13 +268,18 @@ impl Domain {
         let mut outcomes = Vec::with_capacity(ballots.len());
         let mut accepted_polls = HashSet::new();
         for ballot in ballots {
+            if !tx.sessions.contains_key(&ballot.session_id) {
+                // Gone since its poll was read: as its own transaction would say.
+                outcomes.push(Err(DomainError::SessionNotFound));
+                continue;
+            }
             if !statuses.contains_key(&ballot.poll_id) {
                 // Gone since it was read (its session's retention): as a fresh
                 // read would have answered.
                 outcomes.push(Err(DomainError::PollNotFound));
                 continue;
             }
-            if !voters.contains(&ballot.participant_id) {
+            if voters.get(&ballot.participant_id) != Some(&ballot.session_id) {
                 // Refused before the vote is considered: no event, no stored answer.
                 outcomes.push(Err(DomainError::Unauthorized(
                     "the token's participant is not a participant of its session",
@@ -308,21 +311,27 @@ impl Domain {
                     }
                 }
                 Ok(options) => StoredAnswer::Accepted {
-                    vote: rows.vote(&tx, ballot, options)?,
+                    vote: rows.vote(tx.now, ballot, options)?,
                 },
             };
             match &answer {
                 StoredAnswer::Accepted { vote } => {
-                    accepted_polls.insert(ballot.poll_id);
-                    tx.emit(DomainEvent::VoteAccepted { vote: vote.clone() });
+                    accepted_polls.insert((ballot.session_id, ballot.poll_id));
+                    tx.emit(
+                        ballot.session_id,
+                        DomainEvent::VoteAccepted { vote: vote.clone() },
+                    );
                 }
                 StoredAnswer::Rejected { reason, message } => {
-                    tx.emit(DomainEvent::VoteRejected {
-                        poll_id: ballot.poll_id,
-                        participant_id: ballot.participant_id,
-                        reason: reason.code().to_owned(),
-                        message: message.clone(),
-                    });
+                    tx.emit(
+                        ballot.session_id,
+                        DomainEvent::VoteRejected {
+                            poll_id: ballot.poll_id,
+                            participant_id: ballot.participant_id,
+                            reason: reason.code().to_owned(),
+                            message: message.clone(),
+                        },
+                    );
                 }
             }
             if let Some(key) = ballot.key.as_deref() {
@@ -336,9 +345,13 @@ impl Domain {
             }
             outcomes.push(answer.into_result());
         }
-        rows.write(&tx).await?;
-        // The session's participants, for how widely its results fan out.
-        let audience = u64::try_from(tx.session.participant_count).unwrap_or(0);
+        rows.write(&tx.txn).await?;
+        // Each session's participants, for how widely its results fan out.
+        let audiences: HashMap<Uuid, u64> = tx
+            .sessions
+            .values()
+            .map(|s| (s.id, u64::try_from(s.participant_count).unwrap_or(0)))
+            .collect();
         tx.commit(self).await?;
         // Counted once committed: a batch that fails is retried vote by vote, and
         // its answers must not count twice.
@@ -348,11 +361,12 @@ impl Domain {
                 Err(DomainError::VoteRejected { reason, .. }) => reason.code(),
                 Err(DomainError::Unauthorized(_)) => "unauthorized",
                 Err(DomainError::PollNotFound) => "poll_not_found",
+                Err(DomainError::SessionNotFound) => "session_not_found",
                 Err(_) => "error",
             };
             metrics::counter!("pollcast_votes_total", "outcome" => label).increment(1);
         }
-        Ok((outcomes, accepted_polls, audience))
+        Ok((outcomes, accepted_polls, audiences))
     }
 }
 
@@ -374,20 +388,20 @@ struct Rows {
 
 impl Rows {
     /// An accepted vote and its choices.
-    fn vote(&mut self, tx: &SessionTx, ballot: &Ballot, options: &[Uuid]) -> DomainResult<Vote> {
+    fn vote(&mut self, now: Timestamp, ballot: &Ballot, options: &[Uuid]) -> DomainResult<Vote> {
         let vote = Vote {
             id: Uuid::now_v7(),
             poll_id: ballot.poll_id,
             participant_id: ballot.participant_id,
             option_ids: options.to_vec(),
-            created_at: tx.now,
+            created_at: now,
         };
         self.votes.push(vote::ActiveModel {
             id: Set(vote.id),
             poll_id: Set(vote.poll_id),
             participant_id: Set(vote.participant_id),
             option_ids: Set(serde_json::to_string(&vote.option_ids)?),
-            created_at: Set(tx.now.datetime()),
+            created_at: Set(now.datetime()),
         });
         self.choices
             .extend(options.iter().map(|&option_id| vote_choice::ActiveModel {
@@ -405,42 +419,57 @@ impl Rows {
 
     /// Writes everything gathered, a few statements per table, and adds the
     /// batch's votes to the kept tallies. Votes first: choices refer to them.
-    async fn write(self, tx: &SessionTx) -> DomainResult<()> {
+    async fn write(self, txn: &DatabaseTransaction) -> DomainResult<()> {
         for chunk in self.votes.chunks(ROWS_PER_INSERT) {
             vote::Entity::insert_many(chunk.to_vec())
-                .exec_without_returning(&tx.txn)
+                .exec_without_returning(txn)
                 .await?;
         }
         for chunk in self.choices.chunks(ROWS_PER_INSERT) {
             vote_choice::Entity::insert_many(chunk.to_vec())
-                .exec_without_returning(&tx.txn)
+                .exec_without_returning(txn)
                 .await?;
         }
         for chunk in self.keys.chunks(ROWS_PER_INSERT) {
             idempotency_key::Entity::insert_many(chunk.to_vec())
-                .exec_without_returning(&tx.txn)
+                .exec_without_returning(txn)
                 .await?;
         }
-        for (poll_id, (total, per_option)) in self.tallies {
-            // Increments: the batch never needs to read the tally it adds to.
-            poll::Entity::update_many()
-                .col_expr(
-                    poll::Column::TotalVotes,
-                    Expr::col(poll::Column::TotalVotes).add(total),
-                )
-                .filter(poll::Column::Id.eq(poll_id))
-                .exec(&tx.txn)
-                .await?;
-            let added =
+        if self.tallies.is_empty() {
+            return Ok(());
+        }
+        // Increments: the batch never needs to read the tallies it adds to. One
+        // statement for every poll's total...
+        let mut added = CaseStatement::new();
+        for (poll_id, (total, _)) in &self.tallies {
+            added = added.case(poll::Column::Id.eq(*poll_id), Expr::value(*total));
+        }
+        let added: Expr = added.finally(Expr::value(0i64)).into();
+        poll::Entity::update_many()
+            .col_expr(
+                poll::Column::TotalVotes,
+                Expr::col(poll::Column::TotalVotes).add(added),
+            )
+            .filter(poll::Column::Id.is_in(self.tallies.keys().copied()))
+            .exec(txn)
+            .await?;
+        // ...and one for every option's: its first votes insert its row, later
+        // ones add to it.
+        let options: Vec<option_tally::ActiveModel> = self
+            .tallies
+            .into_iter()
+            .flat_map(|(poll_id, (_, per_option))| {
                 per_option
                     .into_iter()
-                    .map(|(option_id, votes)| option_tally::ActiveModel {
+                    .map(move |(option_id, votes)| option_tally::ActiveModel {
                         poll_id: Set(poll_id),
                         option_id: Set(option_id),
                         votes: Set(votes),
-                    });
-            // An option's first votes insert its row; later ones add to it.
-            option_tally::Entity::insert_many(added)
+                    })
+            })
+            .collect();
+        for chunk in options.chunks(ROWS_PER_INSERT) {
+            option_tally::Entity::insert_many(chunk.to_vec())
                 .on_conflict(
                     OnConflict::columns([
                         option_tally::Column::PollId,
@@ -454,7 +483,7 @@ impl Rows {
                     )
                     .to_owned(),
                 )
-                .exec_without_returning(&tx.txn)
+                .exec_without_returning(txn)
                 .await?;
         }
         Ok(())
@@ -464,7 +493,7 @@ impl Rows {
 /// The stored first answers to the keys the batch's ballots carry, by
 /// (participant, key), read with one query.
 async fn stored_answers(
-    tx: &SessionTx,
+    txn: &DatabaseTransaction,
     ballots: &[Ballot],
 ) -> DomainResult<HashMap<(Uuid, String), StoredAnswer>> {
     let wanted: HashSet<(Uuid, &str)> = ballots
@@ -477,7 +506,7 @@ async fn stored_answers(
     let rows = idempotency_key::Entity::find()
         .filter(idempotency_key::Column::ParticipantId.is_in(wanted.iter().map(|w| w.0)))
         .filter(idempotency_key::Column::Key.is_in(wanted.iter().map(|w| w.1)))
-        .all(&tx.txn)
+        .all(txn)
         .await?;
     let mut found = HashMap::new();
     for row in rows {
@@ -523,9 +552,12 @@ mod tests {
         )
     }
 
-    #[tokio::test]
-    async fn a_ballot_that_fails_its_batch_fails_alone() {
-        let domain = domain().await;
+    /// A started session with an active two-option poll and `voters` joined:
+    /// (presenter claims, session, poll, voters).
+    async fn voting_session(
+        domain: &Domain,
+        voters: usize,
+    ) -> (crate::Claims, Uuid, pollcast_protocol::Poll, Vec<Uuid>) {
         let created = domain.create_session(None, "Batch").await.expect("session");
         let presenter = domain
             .verify_token(&created.presenter_token)
@@ -555,14 +587,146 @@ mod tests {
             .activate_poll(&presenter, poll.id)
             .await
             .expect("activate");
-        let mut voters = Vec::new();
-        for i in 0..4 {
-            let joined = domain
+        let mut joined = Vec::new();
+        for i in 0..voters {
+            let j = domain
                 .join(&created.session.code, &format!("voter {i}"))
                 .await
                 .expect("join");
-            voters.push(joined.participant.id);
+            joined.push(j.participant.id);
         }
+        (presenter, session, poll, joined)
+    }
+
+    /// Commits `ballots` as one batch; returns their answers in order.
+    async fn commit(domain: &Domain, ballots: Vec<Ballot>) -> Vec<DomainResult<Vote>> {
+        let mut batch = Vec::new();
+        let mut receivers = Vec::new();
+        for ballot in ballots {
+            let (answer, answered) = oneshot::channel();
+            batch.push(Pending { ballot, answer });
+            receivers.push(answered);
+        }
+        domain.commit_batch(batch).await;
+        let mut outcomes = Vec::new();
+        for answered in receivers {
+            outcomes.push(answered.await.expect("answered"));
+        }
+        outcomes
+    }
+
+    fn ballot(
+        session_id: Uuid,
+        poll: &pollcast_protocol::Poll,
+        voter: Uuid,
+        option: usize,
+    ) -> Ballot {
+        Ballot {
+            session_id,
+            poll_id: poll.id,
+            participant_id: voter,
+            choice: Ok(vec![poll.options[option].id]),
+            key: None,
+        }
+    }
+
+    /// The session's outbox, in position order: (position, event type).
+    async fn outbox_of(domain: &Domain, session: Uuid) -> Vec<(i64, String)> {
+        use pollcast_store::outbox;
+        use sea_orm::QueryOrder;
+        outbox::Entity::find()
+            .filter(outbox::Column::SessionId.eq(session))
+            .order_by_asc(outbox::Column::Position)
+            .all(domain.db())
+            .await
+            .expect("outbox")
+            .into_iter()
+            .map(|row| (row.position, row.event_type))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn ballots_of_several_sessions_commit_together_each_in_its_own_order() {
+        let domain = domain().await;
+        let (p1, s1, poll1, v1) = voting_session(&domain, 3).await;
+        let (p2, s2, poll2, v2) = voting_session(&domain, 2).await;
+        let before1 = outbox_of(&domain, s1).await.len();
+        let before2 = outbox_of(&domain, s2).await.len();
+        let outcomes = commit(
+            &domain,
+            vec![
+                ballot(s1, &poll1, v1[0], 0),
+                ballot(s2, &poll2, v2[0], 1),
+                ballot(s1, &poll1, v1[1], 1),
+                // A participant of the first session on the second's poll.
+                ballot(s2, &poll2, v1[2], 0),
+                ballot(s2, &poll2, v2[1], 1),
+                ballot(s1, &poll1, v1[2], 0),
+                // A second vote in the same batch.
+                ballot(s1, &poll1, v1[0], 1),
+            ],
+        )
+        .await;
+        let kinds: Vec<&str> = outcomes
+            .iter()
+            .map(|o| match o {
+                Ok(_) => "accepted",
+                Err(DomainError::Unauthorized(_)) => "unauthorized",
+                Err(DomainError::VoteRejected { reason, .. }) => reason.code(),
+                Err(_) => "other",
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "accepted",
+                "accepted",
+                "accepted",
+                "unauthorized",
+                "accepted",
+                "accepted",
+                "already_voted"
+            ]
+        );
+        let r1 = domain.results(&p1, poll1.id).await.expect("results");
+        let r2 = domain.results(&p2, poll2.id).await.expect("results");
+        assert_eq!(r1.total_votes, 3);
+        assert_eq!(
+            r1.options.iter().map(|o| o.votes).collect::<Vec<_>>(),
+            [2, 1]
+        );
+        assert_eq!(r2.total_votes, 2);
+        assert_eq!(
+            r2.options.iter().map(|o| o.votes).collect::<Vec<_>>(),
+            [0, 2]
+        );
+        // Each session's events follow its own last position, consecutively.
+        for (session, before, expected) in [
+            (
+                s1,
+                before1,
+                [
+                    "vote:accepted",
+                    "vote:accepted",
+                    "vote:accepted",
+                    "vote:rejected",
+                ]
+                .as_slice(),
+            ),
+            (s2, before2, ["vote:accepted", "vote:accepted"].as_slice()),
+        ] {
+            let outbox = outbox_of(&domain, session).await;
+            let positions: Vec<i64> = outbox.iter().map(|(p, _)| *p).collect();
+            assert_eq!(positions, (1..=outbox.len() as i64).collect::<Vec<_>>());
+            let added: Vec<&str> = outbox[before..].iter().map(|(_, t)| t.as_str()).collect();
+            assert_eq!(added, expected, "session {session}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_ballot_that_fails_its_batch_fails_alone() {
+        let domain = domain().await;
+        let (presenter, session, poll, voters) = voting_session(&domain, 4).await;
         // The third ballot's idempotency key has a stored answer that cannot be
         // read: deciding it fails the batch transaction.
         idempotency_key::Entity::insert(idempotency_key::ActiveModel {
@@ -574,27 +738,15 @@ mod tests {
         .exec_without_returning(domain.db())
         .await
         .expect("corrupt answer stored");
-        let mut batch = Vec::new();
-        let mut receivers = Vec::new();
-        for (i, participant_id) in voters.iter().enumerate() {
-            let (answer, answered) = oneshot::channel();
-            batch.push(Pending {
-                ballot: Ballot {
-                    session_id: session,
-                    poll_id: poll.id,
-                    participant_id: *participant_id,
-                    choice: Ok(vec![poll.options[0].id]),
-                    key: (i == 2).then(|| "corrupt".to_owned()),
-                },
-                answer,
-            });
-            receivers.push(answered);
-        }
-        domain.commit_batch(session, batch).await;
-        let mut outcomes = Vec::new();
-        for answered in receivers {
-            outcomes.push(answered.await.expect("answered"));
-        }
+        let ballots = voters
+            .iter()
+            .enumerate()
+            .map(|(i, voter)| Ballot {
+                key: (i == 2).then(|| "corrupt".to_owned()),
+                ..ballot(session, &poll, *voter, 0)
+            })
+            .collect();
+        let outcomes = commit(&domain, ballots).await;
         assert!(outcomes[2].is_err(), "the bad ballot fails");
         for (i, outcome) in outcomes.iter().enumerate().filter(|(i, _)| *i != 2) {
             assert!(outcome.is_ok(), "ballot {i}: {outcome:?}");
