@@ -16,6 +16,7 @@ use sea_orm::DatabaseConnection;
 use tokio::sync::Notify;
 
 mod access;
+mod batcher;
 pub mod code;
 mod convert;
 pub mod error;
@@ -27,6 +28,8 @@ pub mod relay;
 mod results;
 pub mod retention;
 mod sessions;
+#[cfg(test)]
+mod testing;
 mod tx;
 pub mod validate;
 mod vote_batch;

@@ -22,8 +22,9 @@ use sea_orm::{
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::tx::SessionTx;
-use crate::{Claims, Domain, DomainResult, convert};
+use crate::batcher::{Batcher, Job};
+use crate::tx::SessionsTx;
+use crate::{Claims, Domain, DomainError, DomainResult, convert};
 
 /// The poll's tally as the connection sees it: the total kept on its row and the
 /// per-option counts kept beside it, both changed only in the transaction that
@@ -34,31 +35,51 @@ pub(crate) async fn tally<C: ConnectionTrait>(
     row: &poll::Model,
     poll: &Poll,
 ) -> DomainResult<Results> {
-    let counts: HashMap<Uuid, i64> = option_tally::Entity::find()
+    let mut all = tallies(conn, &[(row, poll)]).await?;
+    all.pop()
+        .ok_or_else(|| DomainError::Internal("no tally for the poll".into()))
+}
+
+/// The tallies of several polls, as [`tally`] reads one, with one query.
+async fn tallies<C: ConnectionTrait>(
+    conn: &C,
+    polls: &[(&poll::Model, &Poll)],
+) -> DomainResult<Vec<Results>> {
+    if polls.is_empty() {
+        return Ok(Vec::new());
+    }
+    let counts: HashMap<(Uuid, Uuid), i64> = option_tally::Entity::find()
         .select_only()
-        .columns([option_tally::Column::OptionId, option_tally::Column::Votes])
-        .filter(option_tally::Column::PollId.eq(poll.id))
-        .into_tuple::<(Uuid, i64)>()
+        .columns([
+            option_tally::Column::PollId,
+            option_tally::Column::OptionId,
+            option_tally::Column::Votes,
+        ])
+        .filter(option_tally::Column::PollId.is_in(polls.iter().map(|(row, _)| row.id)))
+        .into_tuple::<(Uuid, Uuid, i64)>()
         .all(conn)
         .await?
         .into_iter()
+        .map(|(poll_id, option_id, votes)| ((poll_id, option_id), votes))
         .collect();
-    let options = poll
-        .options
+    Ok(polls
         .iter()
-        .map(|option| OptionResult {
-            option_id: option.id,
-            votes: counts
-                .get(&option.id)
-                .map_or(0, |n| u64::try_from(*n).unwrap_or(0)),
+        .map(|(row, poll)| Results {
+            poll_id: poll.id,
+            total_votes: u64::try_from(row.total_votes).unwrap_or(0),
+            options: poll
+                .options
+                .iter()
+                .map(|option| OptionResult {
+                    option_id: option.id,
+                    votes: counts
+                        .get(&(poll.id, option.id))
+                        .map_or(0, |n| u64::try_from(*n).unwrap_or(0)),
+                })
+                .collect(),
+            is_final: poll.status == PollStatus::Closed,
         })
-        .collect();
-    Ok(Results {
-        poll_id: poll.id,
-        total_votes: u64::try_from(row.total_votes).unwrap_or(0),
-        options,
-        is_final: poll.status == PollStatus::Closed,
-    })
+        .collect())
 }
 
 /// How often every api node audits the active polls' published tallies.
@@ -88,11 +109,26 @@ pub(crate) fn coalescing_interval(base: Duration, audience: u64) -> Duration {
     base.mul_f64(factor).min(STRETCHED_INTERVAL.max(base))
 }
 
+/// Most `results:updated` committed in one transaction.
+const MAX_RESULTS_BATCH: usize = 256;
+
 /// Polls that have a `results:updated` scheduled. At most one is pending per poll:
-/// votes arriving meanwhile are covered by it.
+/// votes arriving meanwhile are covered by it. When its interval has passed, a
+/// poll goes to the results task ([`crate::batcher`]), which publishes every due
+/// poll, of any sessions, in one transaction: with many small sessions voting,
+/// a transaction per update cost as much as the votes.
 #[derive(Default)]
 pub(crate) struct Coalescer {
     pending: Mutex<HashSet<Uuid>>,
+    due: Batcher<Due>,
+}
+
+/// A poll whose coalescing interval has passed.
+pub(crate) struct Due {
+    session_id: Uuid,
+    poll_id: Uuid,
+    /// When its first uncovered vote committed.
+    armed: Instant,
 }
 
 impl Coalescer {
@@ -120,33 +156,64 @@ impl Domain {
         tokio::spawn(async move {
             let interval = coalescing_interval(domain.inner.config.results_interval, audience);
             tokio::time::sleep(interval).await;
-            // Cleared before counting: a vote committed from here on schedules the
-            // next update, so no vote is left uncovered.
-            domain.inner.results.pending().remove(&poll_id);
-            match domain.publish_results(session_id, poll_id).await {
-                Ok(()) => metrics::histogram!("pollcast_results_lag_seconds")
-                    .record(armed.elapsed().as_secs_f64()),
-                Err(err) => tracing::warn!(%poll_id, error = %err, "results update failed"),
-            }
+            let job = Job {
+                batcher: |domain: &Domain| &domain.inner.results.due,
+                max: MAX_RESULTS_BATCH,
+                handle: |domain: Domain, due: Vec<Due>| async move {
+                    domain.publish_due(due).await;
+                },
+            };
+            let due = Due {
+                session_id,
+                poll_id,
+                armed,
+            };
+            domain.inner.results.due.send(&domain, job, due).await;
         });
     }
 
-    /// Commits a `results:updated` with the tally, if the poll is still active (a
-    /// close already sent the final one).
-    async fn publish_results(&self, session_id: Uuid, poll_id: Uuid) -> DomainResult<()> {
-        let mut tx = SessionTx::begin(self, session_id).await?;
-        let Some(row) = pollcast_store::poll::Entity::find_by_id(poll_id)
-            .one(&tx.txn)
-            .await?
-        else {
-            return Ok(());
-        };
-        let poll = convert::poll(&row)?;
-        if poll.status != PollStatus::Active {
-            return Ok(());
+    /// Publishes the due polls' results in one transaction.
+    async fn publish_due(&self, due: Vec<Due>) {
+        // Cleared before counting: a vote committed from here on schedules the
+        // next update, so no vote is left uncovered.
+        {
+            let mut pending = self.inner.results.pending();
+            for d in &due {
+                pending.remove(&d.poll_id);
+            }
         }
-        let results = tally(&tx.txn, &row, &poll).await?;
-        tx.emit(DomainEvent::ResultsUpdated { results });
+        let polls: Vec<(Uuid, Uuid)> = due.iter().map(|d| (d.session_id, d.poll_id)).collect();
+        match self.publish_results(&polls).await {
+            Ok(()) => {
+                for d in &due {
+                    metrics::histogram!("pollcast_results_lag_seconds")
+                        .record(d.armed.elapsed().as_secs_f64());
+                }
+            }
+            Err(err) => tracing::warn!(polls = due.len(), error = %err, "results update failed"),
+        }
+    }
+
+    /// Commits a `results:updated` with the tally of each `(session, poll)` still
+    /// active (a close already sent the final one), all in one transaction.
+    async fn publish_results(&self, polls: &[(Uuid, Uuid)]) -> DomainResult<()> {
+        let mut tx = SessionsTx::begin(self, polls.iter().map(|(s, _)| *s)).await?;
+        let rows = poll::Entity::find()
+            .filter(poll::Column::Id.is_in(polls.iter().map(|(_, p)| *p)))
+            .all(&tx.txn)
+            .await?;
+        let mut active = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let poll = convert::poll(row)?;
+            if poll.status == PollStatus::Active && tx.sessions.contains_key(&row.session_id) {
+                active.push((row, poll));
+            }
+        }
+        let pairs: Vec<(&poll::Model, &Poll)> =
+            active.iter().map(|(row, poll)| (*row, poll)).collect();
+        for (results, (row, _)) in tallies(&tx.txn, &pairs).await?.into_iter().zip(&active) {
+            tx.emit(row.session_id, DomainEvent::ResultsUpdated { results });
+        }
         tx.commit(self).await
     }
 
@@ -200,7 +267,7 @@ impl Domain {
                 p.total_votes != current.total_votes || p.options != current.options
             });
             if behind {
-                self.publish_results(row.session_id, row.id).await?;
+                self.publish_results(&[(row.session_id, row.id)]).await?;
                 republished += 1;
             }
         }
@@ -234,6 +301,54 @@ impl Domain {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::DomainConfig;
+    use crate::testing::{ballot, domain_with, outbox_of, voting_session};
+
+    #[tokio::test]
+    async fn results_of_several_sessions_commit_together_each_in_its_own_order() {
+        // No update of its own timers in the middle of the test.
+        let domain = domain_with(DomainConfig {
+            results_interval: Duration::from_secs(3600),
+            ..DomainConfig::default()
+        })
+        .await;
+        let (p1, s1, poll1, v1) = voting_session(&domain, 2).await;
+        let (_, s2, poll2, v2) = voting_session(&domain, 1).await;
+        let (p3, s3, poll3, _) = voting_session(&domain, 0).await;
+        for b in [
+            ballot(s1, &poll1, v1[0], 0),
+            ballot(s1, &poll1, v1[1], 1),
+            ballot(s2, &poll2, v2[0], 1),
+        ] {
+            domain.cast(b).await.expect("vote");
+        }
+        // The third poll is closed: its final results went out with the close.
+        domain.close_poll(&p3, poll3.id).await.expect("close");
+        let mut before = Vec::new();
+        for session in [s1, s2, s3] {
+            before.push(outbox_of(&domain, session).await.len());
+        }
+        domain
+            .publish_results(&[(s1, poll1.id), (s2, poll2.id), (s3, poll3.id)])
+            .await
+            .expect("published");
+        for (i, (session, updates)) in [(s1, 1), (s2, 1), (s3, 0)].into_iter().enumerate() {
+            let outbox = outbox_of(&domain, session).await;
+            let positions: Vec<i64> = outbox.iter().map(|(p, _)| *p).collect();
+            assert_eq!(positions, (1..=outbox.len() as i64).collect::<Vec<_>>());
+            let added: Vec<&str> = outbox[before[i]..]
+                .iter()
+                .map(|(_, t)| t.as_str())
+                .collect();
+            assert_eq!(added, vec!["results:updated"; updates], "session {session}");
+        }
+        let r1 = domain.results(&p1, poll1.id).await.expect("results");
+        assert_eq!(r1.total_votes, 2);
+        assert_eq!(
+            r1.options.iter().map(|o| o.votes).collect::<Vec<_>>(),
+            [1, 1]
+        );
+    }
 
     #[test]
     fn small_and_mid_sized_sessions_keep_the_configured_interval() {

@@ -6,11 +6,10 @@
 //! (about 1.3 k votes/s on SQLite, see `docs/benchmarks.md`), while a keynote's
 //! audience votes within seconds; and many small sessions voting at once would
 //! pay a transaction (three commits, with its results and its relay mark) for
-//! every vote. So each process has one batch task: votes queue for it while it
-//! commits, and it commits everything queued, up to [`MAX_BATCH`], in the next
-//! transaction, whichever sessions the votes are for ([`SessionsTx`]): one lock
-//! statement, one outbox write, one commit. The task ends after
-//! `DomainConfig::vote_batch_idle` without votes.
+//! every vote. So each process has one batch task ([`crate::batcher`]): votes
+//! queue for it while it commits, and it commits everything queued, up to
+//! [`MAX_BATCH`], in the next transaction, whichever sessions the votes are for
+//! ([`SessionsTx`]): one lock statement, one outbox write, one commit.
 //!
 //! Inside the transaction each ballot is decided exactly as a transaction of its
 //! own would decide it: the idempotency key (already answered → that answer, no
@@ -31,18 +30,16 @@ use sea_orm::{
     ActiveValue::Set, ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QuerySelect,
 };
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
+use crate::batcher::{Batcher, Job};
 use crate::tx::SessionsTx;
 use crate::votes::StoredAnswer;
 use crate::{Domain, DomainError, DomainResult, VoteRejection};
 
 /// Most votes committed in one transaction.
 const MAX_BATCH: usize = 256;
-/// Votes that may wait for the batch task before callers wait to queue.
-const QUEUE: usize = 4096;
 
 /// A vote as far as it could be decided without the session lock.
 pub(crate) struct Ballot {
@@ -55,22 +52,13 @@ pub(crate) struct Ballot {
 }
 
 /// A ballot waiting for its batch, and where its answer goes.
-struct Pending {
+pub(crate) struct Pending {
     ballot: Ballot,
     answer: oneshot::Sender<DomainResult<Vote>>,
 }
 
-/// The queue of the batch task, while it runs.
-#[derive(Default)]
-pub(crate) struct VoteBatches {
-    queue: Mutex<Option<mpsc::Sender<Pending>>>,
-}
-
-impl VoteBatches {
-    fn queue(&self) -> std::sync::MutexGuard<'_, Option<mpsc::Sender<Pending>>> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
+/// The vote batch task's queue.
+pub(crate) type VoteBatches = Batcher<Pending>;
 
 /// What a committed batch did: each ballot's answer, the polls that got votes
 /// (with their sessions), and each session's participant count.
@@ -84,73 +72,20 @@ impl Domain {
     /// Queues a ballot for the next batch and waits for its answer.
     pub(crate) async fn cast(&self, ballot: Ballot) -> DomainResult<Vote> {
         let (answer, answered) = oneshot::channel();
-        let mut pending = Pending { ballot, answer };
-        loop {
-            let queue = self
-                .inner
-                .votes
-                .queue()
-                .get_or_insert_with(|| {
-                    let (queue, ballots) = mpsc::channel(QUEUE);
-                    tokio::spawn(run(self.clone(), ballots, queue.clone()));
-                    queue
-                })
-                .clone();
-            match queue.send(pending).await {
-                Ok(()) => break,
-                // The task retired between our lookup and the send (or died):
-                // forget its queue if it is still the one listed, and start again.
-                Err(mpsc::error::SendError(back)) => {
-                    let mut listed = self.inner.votes.queue();
-                    if listed.as_ref().is_some_and(|q| q.same_channel(&queue)) {
-                        *listed = None;
-                    }
-                    pending = back;
-                }
-            }
-        }
+        let job = Job {
+            batcher: |domain: &Domain| &domain.inner.votes,
+            max: MAX_BATCH,
+            handle: |domain: Domain, batch: Vec<Pending>| async move {
+                domain.commit_batch(batch).await;
+            },
+        };
+        self.inner
+            .votes
+            .send(self, job, Pending { ballot, answer })
+            .await;
         answered
             .await
             .unwrap_or_else(|_| Err(DomainError::Internal("vote batch task ended".into())))
-    }
-}
-
-/// The batch task.
-async fn run(domain: Domain, mut ballots: mpsc::Receiver<Pending>, me: mpsc::Sender<Pending>) {
-    let idle = domain.inner.config.vote_batch_idle;
-    loop {
-        let first = match tokio::time::timeout(idle, ballots.recv()).await {
-            Ok(Some(first)) => first,
-            _ => break,
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match ballots.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
-        domain.commit_batch(batch).await;
-    }
-    // Retire: no new sender finds this queue, no sender can add to it, and what
-    // is already in it is still committed.
-    {
-        let mut listed = domain.inner.votes.queue();
-        if listed.as_ref().is_some_and(|q| q.same_channel(&me)) {
-            *listed = None;
-        }
-    }
-    drop(me);
-    ballots.close();
-    let mut rest = Vec::new();
-    while let Some(pending) = ballots.recv().await {
-        rest.push(pending);
-        if rest.len() == MAX_BATCH {
-            domain.commit_batch(std::mem::take(&mut rest)).await;
-        }
-    }
-    if !rest.is_empty() {
-        domain.commit_batch(rest).await;
     }
 }
 
@@ -530,73 +465,8 @@ fn copy_of(err: &DomainError) -> DomainError {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-    use std::time::Duration;
-
-    use pollcast_stream::EmbeddedStream;
-
     use super::*;
-    use crate::{DomainConfig, NewPoll, NewPollOption, TokenKeys};
-
-    /// A domain on an in-memory SQLite database (one connection, so one database).
-    async fn domain() -> Domain {
-        let db = pollcast_store::connect("sqlite::memory:", Default::default())
-            .await
-            .expect("in-memory database");
-        let keys = TokenKeys::new(b"vote batch unit tests", Duration::from_secs(60));
-        Domain::new(
-            db,
-            Arc::new(EmbeddedStream::default()),
-            keys,
-            DomainConfig::default(),
-        )
-    }
-
-    /// A started session with an active two-option poll and `voters` joined:
-    /// (presenter claims, session, poll, voters).
-    async fn voting_session(
-        domain: &Domain,
-        voters: usize,
-    ) -> (crate::Claims, Uuid, pollcast_protocol::Poll, Vec<Uuid>) {
-        let created = domain.create_session(None, "Batch").await.expect("session");
-        let presenter = domain
-            .verify_token(&created.presenter_token)
-            .expect("presenter claims");
-        let session = created.session.id;
-        domain
-            .start_session(&presenter, session)
-            .await
-            .expect("start");
-        let poll = domain
-            .create_poll(
-                &presenter,
-                session,
-                NewPoll {
-                    question: "Q?".into(),
-                    options: vec![
-                        NewPollOption::Text("A".into()),
-                        NewPollOption::Text("B".into()),
-                    ],
-                    kind: Default::default(),
-                    max_choices: None,
-                },
-            )
-            .await
-            .expect("poll");
-        domain
-            .activate_poll(&presenter, poll.id)
-            .await
-            .expect("activate");
-        let mut joined = Vec::new();
-        for i in 0..voters {
-            let j = domain
-                .join(&created.session.code, &format!("voter {i}"))
-                .await
-                .expect("join");
-            joined.push(j.participant.id);
-        }
-        (presenter, session, poll, joined)
-    }
+    use crate::testing::{ballot, domain, outbox_of, voting_session};
 
     /// Commits `ballots` as one batch; returns their answers in order.
     async fn commit(domain: &Domain, ballots: Vec<Ballot>) -> Vec<DomainResult<Vote>> {
@@ -613,36 +483,6 @@ mod tests {
             outcomes.push(answered.await.expect("answered"));
         }
         outcomes
-    }
-
-    fn ballot(
-        session_id: Uuid,
-        poll: &pollcast_protocol::Poll,
-        voter: Uuid,
-        option: usize,
-    ) -> Ballot {
-        Ballot {
-            session_id,
-            poll_id: poll.id,
-            participant_id: voter,
-            choice: Ok(vec![poll.options[option].id]),
-            key: None,
-        }
-    }
-
-    /// The session's outbox, in position order: (position, event type).
-    async fn outbox_of(domain: &Domain, session: Uuid) -> Vec<(i64, String)> {
-        use pollcast_store::outbox;
-        use sea_orm::QueryOrder;
-        outbox::Entity::find()
-            .filter(outbox::Column::SessionId.eq(session))
-            .order_by_asc(outbox::Column::Position)
-            .all(domain.db())
-            .await
-            .expect("outbox")
-            .into_iter()
-            .map(|row| (row.position, row.event_type))
-            .collect()
     }
 
     #[tokio::test]
