@@ -12,7 +12,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use sea_orm::sea_query::{CaseStatement, Expr, ExprTrait};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, TransactionTrait,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait,
+    QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
 };
 use uuid::Uuid;
 
@@ -152,26 +153,36 @@ pub(crate) struct SessionsTx {
 
 impl SessionsTx {
     /// Begins a transaction on the sessions, locking their rows with one
-    /// statement. PostgreSQL visits the keys of an `IN` list on a primary key in
-    /// sorted order, so two such transactions lock shared rows in the same order
-    /// and cannot deadlock; a [`SessionTx`] locks only one row.
+    /// statement. Two of these may run at once (the vote and the results tasks,
+    /// or two api nodes) and share sessions, so PostgreSQL locks the rows in id
+    /// order (`SELECT … ORDER BY id FOR UPDATE`) and they cannot deadlock; an
+    /// `UPDATE … WHERE id IN (…)` locks in whatever order its plan visits rows.
+    /// SQLite has one writer, whose lock the first write takes, so there the
+    /// statement is the same no-op `UPDATE` as [`SessionTx`]'s. A [`SessionTx`]
+    /// locks only one row.
     pub async fn begin(domain: &Domain, ids: impl IntoIterator<Item = Uuid>) -> DomainResult<Self> {
         let ids: BTreeSet<Uuid> = ids.into_iter().collect();
         let txn = domain.db().begin().await?;
-        let sessions = session::Entity::update_many()
-            .col_expr(
-                session::Column::LastPosition,
-                Expr::col(session::Column::LastPosition),
-            )
-            .filter(session::Column::Id.is_in(ids))
-            .exec_with_returning(&txn)
-            .await?
-            .into_iter()
-            .map(|row| (row.id, row))
-            .collect();
+        let rows = if txn.get_database_backend() == DbBackend::Postgres {
+            session::Entity::find()
+                .filter(session::Column::Id.is_in(ids))
+                .order_by_asc(session::Column::Id)
+                .lock_exclusive()
+                .all(&txn)
+                .await?
+        } else {
+            session::Entity::update_many()
+                .col_expr(
+                    session::Column::LastPosition,
+                    Expr::col(session::Column::LastPosition),
+                )
+                .filter(session::Column::Id.is_in(ids))
+                .exec_with_returning(&txn)
+                .await?
+        };
         Ok(Self {
             txn,
-            sessions,
+            sessions: rows.into_iter().map(|row| (row.id, row)).collect(),
             now: Timestamp::now(),
             events: BTreeMap::new(),
         })
