@@ -318,8 +318,8 @@ async fn votes_stay_correct_while_batch_tasks_retire_and_restart(backend: Backen
             .await
             .expect(201);
         voters.push(voter);
-        // Time passes with no votes: the session's batch task retires, and the
-        // next vote starts a new one.
+        // Time passes with no votes: the batch task retires, and the next vote
+        // starts a new one.
         tokio::time::sleep(std::time::Duration::from_millis(40)).await;
     }
     for voter in &voters {

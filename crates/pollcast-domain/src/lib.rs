@@ -62,7 +62,8 @@ pub struct DomainConfig {
     /// edges' heartbeat timeout plus one flush interval, or live connections of
     /// slow-answering clients are closed too.
     pub presence_timeout: Duration,
-    /// How long a session's vote batch task waits for votes before it retires.
+    /// How long the vote batch task and the results task wait for work before
+    /// they retire (the next vote or due update starts them again).
     pub vote_batch_idle: Duration,
     /// Idempotency answers and published outbox rows older than this are removed.
     /// Never shorter than the history window: replays and the embedded engine's

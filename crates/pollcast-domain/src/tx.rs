@@ -33,11 +33,7 @@ impl SessionTx {
     pub async fn begin(domain: &Domain, session_id: Uuid) -> DomainResult<Self> {
         let txn = domain.db().begin().await?;
         // One round trip: take the lock and read the row it locked.
-        let session = session::Entity::update_many()
-            .col_expr(
-                session::Column::LastPosition,
-                Expr::col(session::Column::LastPosition),
-            )
+        let session = lock_statement()
             .filter(session::Column::Id.eq(session_id))
             .exec_with_returning(&txn)
             .await?
@@ -95,6 +91,16 @@ impl SessionTx {
         }
         Ok(())
     }
+}
+
+/// An `UPDATE` of session rows that changes nothing: it takes their row locks
+/// (and SQLite's write lock) and, with `RETURNING`, reads them in the same round
+/// trip.
+fn lock_statement() -> sea_orm::UpdateMany<session::Entity> {
+    session::Entity::update_many().col_expr(
+        session::Column::LastPosition,
+        Expr::col(session::Column::LastPosition),
+    )
 }
 
 /// Writes `events` to the outbox at positions `first..`.
@@ -171,11 +177,7 @@ impl SessionsTx {
                 .all(&txn)
                 .await?
         } else {
-            session::Entity::update_many()
-                .col_expr(
-                    session::Column::LastPosition,
-                    Expr::col(session::Column::LastPosition),
-                )
+            lock_statement()
                 .filter(session::Column::Id.is_in(ids))
                 .exec_with_returning(&txn)
                 .await?
