@@ -183,14 +183,33 @@ impl Domain {
             }
         }
         let polls: Vec<(Uuid, Uuid)> = due.iter().map(|d| (d.session_id, d.poll_id)).collect();
-        match self.publish_results(&polls).await {
-            Ok(()) => {
+        let published = match self.publish_results(&polls).await {
+            Ok(()) => due.iter().collect(),
+            Err(err) if due.len() > 1 => {
+                // Nothing of the batch committed. One poll that cannot be
+                // published must not hold back the others: publish each alone.
+                tracing::warn!(polls = due.len(), error = %err, "results batch failed; publishing its polls one by one");
+                let mut published = Vec::new();
                 for d in &due {
-                    metrics::histogram!("pollcast_results_lag_seconds")
-                        .record(d.armed.elapsed().as_secs_f64());
+                    match self.publish_results(&[(d.session_id, d.poll_id)]).await {
+                        Ok(()) => published.push(d),
+                        Err(err) => {
+                            tracing::warn!(poll_id = %d.poll_id, error = %err, "results update failed");
+                        }
+                    }
                 }
+                published
             }
-            Err(err) => tracing::warn!(polls = due.len(), error = %err, "results update failed"),
+            Err(err) => {
+                for d in &due {
+                    tracing::warn!(poll_id = %d.poll_id, error = %err, "results update failed");
+                }
+                Vec::new()
+            }
+        };
+        for d in published {
+            metrics::histogram!("pollcast_results_lag_seconds")
+                .record(d.armed.elapsed().as_secs_f64());
         }
     }
 
@@ -348,6 +367,48 @@ mod tests {
             r1.options.iter().map(|o| o.votes).collect::<Vec<_>>(),
             [1, 1]
         );
+    }
+
+    #[tokio::test]
+    async fn a_poll_that_fails_its_results_batch_fails_alone() {
+        use sea_orm::ActiveValue::Set;
+        let domain = domain_with(DomainConfig {
+            results_interval: Duration::from_secs(3600),
+            ..DomainConfig::default()
+        })
+        .await;
+        let (_, s1, poll1, _) = voting_session(&domain, 0).await;
+        let (_, s2, poll2, _) = voting_session(&domain, 0).await;
+        // The second poll's stored options cannot be read: publishing it fails.
+        poll::Entity::update(poll::ActiveModel {
+            id: Set(poll2.id),
+            options: Set("not options".into()),
+            ..Default::default()
+        })
+        .exec(domain.db())
+        .await
+        .expect("corrupt the poll");
+        let before = (
+            outbox_of(&domain, s1).await.len(),
+            outbox_of(&domain, s2).await.len(),
+        );
+        let due = [(s1, poll1.id), (s2, poll2.id)]
+            .into_iter()
+            .map(|(session_id, poll_id)| Due {
+                session_id,
+                poll_id,
+                armed: Instant::now(),
+            })
+            .collect();
+        domain.publish_due(due).await;
+        let after1 = outbox_of(&domain, s1).await;
+        assert_eq!(
+            after1.len(),
+            before.0 + 1,
+            "the good poll still got its update"
+        );
+        assert_eq!(after1[before.0].1, "results:updated");
+        assert_eq!(outbox_of(&domain, s2).await.len(), before.1);
     }
 
     #[test]
