@@ -323,14 +323,19 @@ mod tests {
     use crate::DomainConfig;
     use crate::testing::{ballot, domain_with, outbox_of, voting_session};
 
-    #[tokio::test]
-    async fn results_of_several_sessions_commit_together_each_in_its_own_order() {
-        // No update of its own timers in the middle of the test.
-        let domain = domain_with(DomainConfig {
+    /// A domain whose own coalescing timers never fire during a test, so the
+    /// test decides when results are published.
+    async fn untimed_domain() -> Domain {
+        domain_with(DomainConfig {
             results_interval: Duration::from_secs(3600),
             ..DomainConfig::default()
         })
-        .await;
+        .await
+    }
+
+    #[tokio::test]
+    async fn results_of_several_sessions_commit_together_each_in_its_own_order() {
+        let domain = untimed_domain().await;
         let (p1, s1, poll1, v1) = voting_session(&domain, 2).await;
         let (_, s2, poll2, v2) = voting_session(&domain, 1).await;
         let (p3, s3, poll3, _) = voting_session(&domain, 0).await;
@@ -372,11 +377,7 @@ mod tests {
     #[tokio::test]
     async fn a_poll_that_fails_its_results_batch_fails_alone() {
         use sea_orm::ActiveValue::Set;
-        let domain = domain_with(DomainConfig {
-            results_interval: Duration::from_secs(3600),
-            ..DomainConfig::default()
-        })
-        .await;
+        let domain = untimed_domain().await;
         let (_, s1, poll1, _) = voting_session(&domain, 0).await;
         let (_, s2, poll2, _) = voting_session(&domain, 0).await;
         // The second poll's stored options cannot be read: publishing it fails.
