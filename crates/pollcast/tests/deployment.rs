@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use pollcast_tests::client::{
     Presenter, id_of, option_id, session_with_voters, vote_all, vote_counts,
 };
-use pollcast_tests::frames::{assert_consecutive, count, listen, positions, until};
+use pollcast_tests::frames::{
+    assert_consecutive, assert_same_run, count, listen, positions, until,
+};
 use pollcast_tests::nats::{NatsCluster, NatsServer};
 use pollcast_tests::process::Pollcast;
 use pollcast_tests::ws::{Format, Listening, WsClient, query};
@@ -179,12 +181,12 @@ async fn clients_on_two_edges_get_identical_sequences_and_move_between_edges_wit
         .expect(200);
     let seen_a = until(&mut on_a, "poll:closed").await;
     let seen_b = until(&mut on_b, "poll:closed").await;
-    assert_eq!(
-        seen_a, seen_b,
-        "both edges deliver the same events, same ids, same order"
-    );
-    assert_consecutive(&positions(&p.session_id, &seen_a));
+    // Each edge starts a fresh client at its own newest event, and one edge may
+    // not yet have received the last joins when its client connects: the runs
+    // may start apart, but from the later start they are the same frames.
+    assert_same_run(&p.session_id, &seen_a, &seen_b);
     assert_eq!(count(&seen_a, "vote:accepted"), 20);
+    assert_eq!(count(&seen_b, "vote:accepted"), 20);
 
     // A client that had read half of it on edge B comes back on edge A.
     let half = seen_a.len() / 2;
