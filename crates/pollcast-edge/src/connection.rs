@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fastwebsockets::{Frame, OpCode, Role as WsRole, WebSocket};
+use fastwebsockets::{Frame, OpCode, WebSocket};
 use pollcast_protocol::token::Claims;
 use pollcast_protocol::{
     ConnectionEvent, EventId, PresenceKind, PresenceSignal, Role, SessionEvent, Timestamp,
@@ -28,7 +28,7 @@ use crate::limits::Admission;
 use crate::outlet::{Broken, Outlet, Queued};
 use crate::pager::{Page, Pager};
 use crate::query::{self, ConnectRequest};
-use crate::reader::{self, Inbound};
+use crate::reader::{ClientReader, Inbound};
 use crate::room::Member;
 
 /// How long a replay waits for the log to reach the newest event the connection
@@ -44,11 +44,9 @@ pub(crate) async fn serve<S>(edge: Edge, ws: WebSocket<S>, query: String, origin
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // fastwebsockets reads; writes go through the outlet, which the room shares.
+    // This task reads; writes go through the outlet, which the room shares.
     let (read, write) = tokio::io::split(ws.into_inner());
-    let (read, _) = fastwebsockets::after_handshake_split(read, tokio::io::sink(), WsRole::Server);
-    let (inbound_tx, mut inbound) = mpsc::channel(64);
-    let reader = tokio::spawn(reader::run(read, inbound_tx));
+    let mut reader = ClientReader::new(read);
     let format = query::format_of(&query);
     let label = match format {
         WireFormat::Json => "json",
@@ -71,18 +69,17 @@ where
             out.session_id = session_id;
             metrics::counter!("pollcast_edge_refused_total", "code" => refusal.code()).increment(1);
             if out.close(&refusal).await.is_ok() {
-                linger(&mut inbound).await;
+                linger(&mut reader).await;
             }
         }
         Ok((request, claims, admission)) => {
             out.session_id = request.session_id;
             metrics::gauge!("pollcast_ws_connections").increment(1.0);
-            run(&edge, out, live, request, claims, &mut inbound).await;
+            run(&edge, out, live, request, claims, &mut reader).await;
             metrics::gauge!("pollcast_ws_connections").decrement(1.0);
             drop(admission);
         }
     }
-    reader.abort();
 }
 
 /// Decides whether the connection may open: 4400, 4401, 4403, 4404, 4429, or
@@ -160,13 +157,13 @@ enum End {
     Shutdown,
 }
 
-async fn run(
+async fn run<R: AsyncRead + Unpin>(
     edge: &Edge,
     out: Writer,
     live: mpsc::UnboundedReceiver<Queued>,
     request: ConnectRequest,
     claims: Claims,
-    inbound: &mut mpsc::Receiver<Inbound>,
+    reader: &mut ClientReader<R>,
 ) {
     let connection_id = Uuid::now_v7();
     let session_id = request.session_id;
@@ -194,7 +191,7 @@ async fn run(
         return;
     }
     connection.presence(PresenceKind::Connected).await;
-    let end = connection.serve(request.last_event_id, inbound).await;
+    let end = connection.serve(request.last_event_id, reader).await;
     // From here on only this task writes: the room must not slip an event in
     // between the last frames and the close.
     connection.out.outlet.set_direct(false).await;
@@ -209,19 +206,15 @@ async fn run(
     edge.inner.rooms.leave(session_id, connection_id).await;
     connection.presence(PresenceKind::Disconnected).await;
     if closed {
-        linger(inbound).await;
+        linger(reader).await;
     }
 }
 
 /// Waits briefly for the client to answer our close, so the socket is not reset
 /// under data the client has not read yet.
-async fn linger(inbound: &mut mpsc::Receiver<Inbound>) {
+async fn linger<R: AsyncRead + Unpin>(reader: &mut ClientReader<R>) {
     let _ = timeout(CLOSE_LINGER, async {
-        while let Some(message) = inbound.recv().await {
-            if matches!(message, Inbound::Closed) {
-                return;
-            }
-        }
+        while reader.next().await != Inbound::Closed {}
     })
     .await;
 }
@@ -237,10 +230,10 @@ struct Connection<'e> {
 }
 
 impl Connection<'_> {
-    async fn serve(
+    async fn serve<R: AsyncRead + Unpin>(
         &mut self,
         resume_from: Option<EventId>,
-        inbound: &mut mpsc::Receiver<Inbound>,
+        reader: &mut ClientReader<R>,
     ) -> End {
         let config = &self.edge.inner.config;
         // Read after joining the room: anything newer is in the queue.
@@ -283,8 +276,8 @@ impl Connection<'_> {
                 biased;
                 // The guard `wait_for` returns is not `Send`: drop it inside.
                 () = async { let _ = shutdown.wait_for(|&stop| stop).await; } => return End::Shutdown,
-                message = inbound.recv() => match message {
-                    Some(Inbound::Pong) => {
+                message = reader.next() => match message {
+                    Inbound::Pong => {
                         let now = Instant::now();
                         pong_deadline.as_mut().reset(now + config.heartbeat_timeout);
                         // At most one sign of life per half interval reaches the
@@ -297,7 +290,7 @@ impl Connection<'_> {
                         }
                         Ok(())
                     }
-                    Some(Inbound::Resume(text)) => match text.parse::<EventId>() {
+                    Inbound::Resume(text) => match text.parse::<EventId>() {
                         Ok(from) => {
                             self.out.outlet.set_direct(false).await;
                             let replayed = self.replay(from).await;
@@ -306,13 +299,11 @@ impl Connection<'_> {
                         }
                         Err(_) => self.bad_frame("resume: lastEventId is not an event id").await,
                     },
-                    Some(Inbound::BadFrame(why)) => self.bad_frame(&why).await,
-                    Some(Inbound::Control(opcode, payload)) => self.out.control(opcode, payload).await,
-                    Some(Inbound::TooLarge) => {
-                        return End::Close(CloseReason::MessageTooLarge);
-                    }
-                    Some(Inbound::Violation(reason)) => return End::Close(reason),
-                    Some(Inbound::Closed) | None => return End::Gone,
+                    Inbound::BadFrame(why) => self.bad_frame(&why).await,
+                    Inbound::Control(opcode, payload) => self.out.control(opcode, payload).await,
+                    Inbound::TooLarge => return End::Close(CloseReason::MessageTooLarge),
+                    Inbound::Violation(reason) => return End::Close(reason),
+                    Inbound::Closed => return End::Gone,
                 },
                 queued = self.live.recv() => match queued {
                     Some(Queued::Overflowed) => return End::Close(CloseReason::SlowConsumer),
