@@ -17,7 +17,6 @@ use pollcast_protocol::{
     WireFormat,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 use uuid::Uuid;
 
@@ -25,7 +24,7 @@ use crate::Edge;
 use crate::close::CloseReason;
 use crate::frame::{EncodedEvent, Framed, connection_frame};
 use crate::limits::Admission;
-use crate::outlet::{Broken, Outlet, Queued};
+use crate::outlet::{Backlog, Broken, Outlet, Queued};
 use crate::pager::{Page, Pager};
 use crate::query::{self, ConnectRequest};
 use crate::reader::{ClientReader, Inbound};
@@ -64,11 +63,16 @@ where
         format,
         session_id: Uuid::nil(),
     };
-    match admit(&edge, &query, origin.as_deref()).await {
+    // The connection's future lives as long as the connection, and its size is
+    // that of its largest state: what runs once or rarely (admission, closes,
+    // replays, error frames) is boxed, so an idle connection does not carry it.
+    let admitted = Box::pin(admit(&edge, &query, origin.as_deref())).await;
+    drop((query, origin));
+    match admitted {
         Err((session_id, refusal)) => {
             out.session_id = session_id;
             metrics::counter!("pollcast_edge_refused_total", "code" => refusal.code()).increment(1);
-            if out.close(&refusal).await.is_ok() {
+            if Box::pin(out.close(&refusal)).await.is_ok() {
                 linger(&mut reader).await;
             }
         }
@@ -101,13 +105,15 @@ async fn admit<'e>(
             CloseReason::Forbidden(format!("origin {origin:?} may not connect")),
         ));
     }
-    let request =
+    let mut request =
         query::parse(query).map_err(|bad| (Uuid::nil(), CloseReason::BadRequest(bad.0)))?;
     let session = request.session_id;
+    // Not kept past admission: an idle connection has no use for it.
+    let token = std::mem::take(&mut request.token);
     let claims = edge
         .inner
         .keys
-        .verify(&request.token)
+        .verify(&token)
         .map_err(|err| (session, CloseReason::Unauthorized(err.to_string())))?;
     if claims.session_id != session {
         return Err((
@@ -160,7 +166,7 @@ enum End {
 async fn run<R: AsyncRead + Unpin>(
     edge: &Edge,
     out: Writer,
-    live: mpsc::UnboundedReceiver<Queued>,
+    live: Backlog,
     request: ConnectRequest,
     claims: Claims,
     reader: &mut ClientReader<R>,
@@ -187,7 +193,7 @@ async fn run<R: AsyncRead + Unpin>(
         .join(session_id, connection_id, member)
         .await
     {
-        let _ = connection.out.close(&err.into()).await;
+        let _ = Box::pin(connection.out.close(&err.into())).await;
         return;
     }
     connection.presence(PresenceKind::Connected).await;
@@ -197,10 +203,12 @@ async fn run<R: AsyncRead + Unpin>(
     connection.out.outlet.set_direct(false).await;
     let closed = match end {
         End::Gone => false,
-        End::Close(close) => connection.out.close(&close).await.is_ok(),
+        End::Close(close) => Box::pin(connection.out.close(&close)).await.is_ok(),
         End::Shutdown => {
-            connection.flush_queue().await;
-            connection.out.close(&CloseReason::GoingAway).await.is_ok()
+            Box::pin(connection.flush_queue()).await;
+            Box::pin(connection.out.close(&CloseReason::GoingAway))
+                .await
+                .is_ok()
         }
     };
     edge.inner.rooms.leave(session_id, connection_id).await;
@@ -226,7 +234,7 @@ struct Connection<'e> {
     claims: Claims,
     connection_id: Uuid,
     /// Events the room could not write itself.
-    live: mpsc::UnboundedReceiver<Queued>,
+    live: Backlog,
 }
 
 impl Connection<'_> {
@@ -250,11 +258,14 @@ impl Connection<'_> {
             heartbeat_interval_ms: u64::try_from(config.heartbeat_interval.as_millis())
                 .unwrap_or(u64::MAX),
         };
-        if self.out.send_connection(established).await.is_err() {
+        if Box::pin(self.out.send_connection(established))
+            .await
+            .is_err()
+        {
             return End::Gone;
         }
         if let Some(from) = resume_from
-            && self.replay(from).await.is_err()
+            && Box::pin(self.replay(from)).await.is_err()
         {
             return End::Gone;
         }
@@ -293,31 +304,34 @@ impl Connection<'_> {
                     Inbound::Resume(text) => match text.parse::<EventId>() {
                         Ok(from) => {
                             self.out.outlet.set_direct(false).await;
-                            let replayed = self.replay(from).await;
+                            let replayed = Box::pin(self.replay(from)).await;
                             self.out.outlet.set_direct(true).await;
                             replayed
                         }
-                        Err(_) => self.bad_frame("resume: lastEventId is not an event id").await,
+                        Err(_) => {
+                            Box::pin(self.bad_frame("resume: lastEventId is not an event id")).await
+                        }
                     },
-                    Inbound::BadFrame(why) => self.bad_frame(&why).await,
-                    Inbound::Control(opcode, payload) => self.out.control(opcode, payload).await,
+                    Inbound::BadFrame(why) => Box::pin(self.bad_frame(&why)).await,
+                    Inbound::Control(opcode, payload) => {
+                        Box::pin(self.out.control(opcode, payload)).await
+                    }
                     Inbound::TooLarge => return End::Close(CloseReason::MessageTooLarge),
                     Inbound::Violation(reason) => return End::Close(reason),
                     Inbound::Closed => return End::Gone,
                 },
                 queued = self.live.recv() => match queued {
-                    Some(Queued::Overflowed) => return End::Close(CloseReason::SlowConsumer),
+                    Queued::Overflowed => return End::Close(CloseReason::SlowConsumer),
                     // A frame the room began is finished whatever else happens.
-                    Some(rest @ Queued::Rest(..)) => {
+                    rest @ Queued::Rest(..) => {
                         self.out.outlet.write_queued(&rest, self.out.format).await
                     }
-                    Some(_) if self.out.outlet.overflowed() => {
+                    _ if self.out.outlet.overflowed() => {
                         return End::Close(CloseReason::SlowConsumer);
                     }
-                    Some(item) => self.out.outlet.write_queued(&item, self.out.format).await,
-                    None => return End::Gone,
+                    item => self.out.outlet.write_queued(&item, self.out.format).await,
                 },
-                _ = ping.tick() => self.out.send_connection(ConnectionEvent::Ping {}).await,
+                _ = ping.tick() => Box::pin(self.out.send_connection(ConnectionEvent::Ping {})).await,
                 () = &mut pong_deadline => {
                     return End::Close(CloseReason::HeartbeatTimeout);
                 }
@@ -332,7 +346,7 @@ impl Connection<'_> {
     /// holds beyond it that the room had not dispatched yet, so the client's last
     /// event is the stream's newest and its reconnect replays nothing twice.
     async fn flush_queue(&mut self) {
-        while let Ok(item) = self.live.try_recv() {
+        while let Some(item) = self.live.try_recv() {
             if matches!(item, Queued::Overflowed)
                 || self
                     .out

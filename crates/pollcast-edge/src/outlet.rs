@@ -10,17 +10,22 @@
 //! Ordering rests on two rules: the room writes only while holding the sink's
 //! lock and seeing nothing queued, and the task takes bytes off the queue's count
 //! only after writing them, under the same lock.
+//!
+//! The queue is a `VecDeque` that allocates only while something waits in it, not
+//! a channel: tokio's channels allocate a block of slots up front, 800 bytes per
+//! connection that almost never queues anything.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use metrics::{Counter, Histogram};
 use pollcast_protocol::{SessionEvent, Timestamp, WireFormat};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 use crate::frame::EncodedEvent;
 
@@ -76,8 +81,49 @@ pub struct Outlet {
     queued: AtomicUsize,
     overflowed: AtomicBool,
     limit: usize,
-    tx: mpsc::UnboundedSender<Queued>,
+    /// What the task is to write, in order.
+    queue: Mutex<VecDeque<Queued>>,
+    /// Wakes the task when the queue gets something.
+    ready: Notify,
     write_timeout: Duration,
+}
+
+/// Queue slots kept once a backlog drains; a burst's larger buffer is given back.
+const KEPT_SLOTS: usize = 8;
+
+/// The task's end of its outlet's queue. Dropped (the task is gone), it makes the
+/// outlet refuse every later event, so the room forgets the connection.
+pub struct Backlog(Arc<Outlet>);
+
+impl Backlog {
+    /// The next queued item, waiting for one. Cancel-safe: an item stays queued
+    /// until this returns it.
+    pub async fn recv(&mut self) -> Queued {
+        loop {
+            if let Some(item) = self.try_recv() {
+                return item;
+            }
+            // A push between the look and here leaves a permit: no lost wake-up.
+            self.0.ready.notified().await;
+        }
+    }
+
+    /// The next queued item, if there is one.
+    pub fn try_recv(&mut self) -> Option<Queued> {
+        let mut queue = self.0.queue();
+        let item = queue.pop_front();
+        if queue.is_empty() && queue.capacity() > KEPT_SLOTS {
+            *queue = VecDeque::new();
+        }
+        item
+    }
+}
+
+impl Drop for Backlog {
+    fn drop(&mut self) {
+        self.0.overflowed.store(true, Ordering::Release);
+        self.0.queue().clear();
+    }
 }
 
 /// What [`Outlet::offer`] did with an event.
@@ -97,8 +143,7 @@ impl Outlet {
         format: &'static str,
         limit: usize,
         write_timeout: Duration,
-    ) -> (Arc<Self>, mpsc::UnboundedReceiver<Queued>) {
-        let (tx, rx) = mpsc::unbounded_channel();
+    ) -> (Arc<Self>, Backlog) {
         let sink = Sink {
             io,
             frames: metrics::counter!("pollcast_ws_frames_sent_total", "format" => format),
@@ -111,10 +156,21 @@ impl Outlet {
             queued: AtomicUsize::new(0),
             overflowed: AtomicBool::new(false),
             limit,
-            tx,
+            queue: Mutex::new(VecDeque::new()),
+            ready: Notify::new(),
             write_timeout,
         };
-        (Arc::new(outlet), rx)
+        let outlet = Arc::new(outlet);
+        (Arc::clone(&outlet), Backlog(outlet))
+    }
+
+    fn queue(&self) -> MutexGuard<'_, VecDeque<Queued>> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn enqueue(&self, item: Queued) {
+        self.queue().push_back(item);
+        self.ready.notify_one();
     }
 
     /// Whether the queue has overflowed.
@@ -168,7 +224,7 @@ impl Outlet {
                 // frame would break the stream for good.
                 self.queued
                     .fetch_add(frame.len() - written, Ordering::AcqRel);
-                let _ = self.tx.send(Queued::Rest(Arc::clone(event), written));
+                self.enqueue(Queued::Rest(Arc::clone(event), written));
                 return Offered::Taken;
             }
         }
@@ -183,9 +239,7 @@ impl Outlet {
             metrics::counter!("pollcast_edge_slow_consumers_total").increment(1);
             return Offered::Overflowed;
         }
-        if self.tx.send(item).is_err() {
-            return Offered::Overflowed;
-        }
+        self.enqueue(item);
         Offered::Taken
     }
 
@@ -193,7 +247,7 @@ impl Outlet {
     /// its last event id, and the replay tells it what can still be recovered.
     pub fn overflow(&self) {
         if !self.overflowed.swap(true, Ordering::AcqRel) {
-            let _ = self.tx.send(Queued::Overflowed);
+            self.enqueue(Queued::Overflowed);
         }
     }
 
@@ -294,7 +348,8 @@ mod tests {
         outlet.set_direct(true).await;
         let task_outlet = Arc::clone(&outlet);
         let task = tokio::spawn(async move {
-            while let Some(item) = queue.recv().await {
+            loop {
+                let item = queue.recv().await;
                 task_outlet
                     .write_queued(&item, WireFormat::Json)
                     .await
@@ -352,7 +407,7 @@ mod tests {
             .bytes()
             .to_vec();
         assert_eq!(outlet.offer(&second, &frame), Offered::Overflowed);
-        let rest = queue.recv().await.expect("the rest is queued");
+        let rest = queue.try_recv().expect("the rest is queued");
         assert!(matches!(rest, Queued::Rest(_, 100)));
         let reader = tokio::spawn(async move {
             let mut got = vec![0u8; bytes.len()];
@@ -365,6 +420,57 @@ mod tests {
             .expect("write the rest");
         let (got, bytes) = reader.await.expect("reader");
         assert!(got == bytes, "the frame arrived torn");
+    }
+
+    /// A connection task that is gone (its backlog dropped) gets nothing more:
+    /// the room is told to forget it, and what was queued is let go.
+    #[tokio::test]
+    async fn an_outlet_whose_task_is_gone_refuses_events() {
+        let (_client, server) = tokio::io::duplex(64);
+        let (outlet, queue) =
+            Outlet::new(Box::new(server), "json", 1 << 20, Duration::from_secs(5));
+        let session = Uuid::now_v7();
+        let first = event(session, 1);
+        let frame = first
+            .framed(WireFormat::Json)
+            .expect("frame")
+            .bytes()
+            .to_vec();
+        assert_eq!(outlet.offer(&first, &frame), Offered::Taken);
+        assert_eq!(Arc::strong_count(&first), 2, "queued");
+        drop(queue);
+        assert_eq!(Arc::strong_count(&first), 1, "let go");
+        let second = event(session, 2);
+        let frame = second
+            .framed(WireFormat::Json)
+            .expect("frame")
+            .bytes()
+            .to_vec();
+        assert_eq!(outlet.offer(&second, &frame), Offered::Overflowed);
+    }
+
+    /// `recv` dropped while it waits loses nothing, and wakes for what comes later.
+    #[tokio::test]
+    async fn a_cancelled_wait_loses_nothing() {
+        let (_client, server) = tokio::io::duplex(64);
+        let (outlet, mut queue) =
+            Outlet::new(Box::new(server), "json", 1 << 20, Duration::from_secs(5));
+        let waited = tokio::time::timeout(Duration::from_millis(10), queue.recv()).await;
+        assert!(waited.is_err(), "nothing queued yet");
+        let session = Uuid::now_v7();
+        let first = event(session, 1);
+        let frame = first
+            .framed(WireFormat::Json)
+            .expect("frame")
+            .bytes()
+            .to_vec();
+        let pusher = Arc::clone(&outlet);
+        let push = tokio::spawn(async move { pusher.offer(&first, &frame) });
+        let item = tokio::time::timeout(Duration::from_secs(5), queue.recv())
+            .await
+            .expect("woken for the event");
+        assert!(matches!(item, Queued::Event(e) if e.position() == 1));
+        assert_eq!(push.await.expect("push"), Offered::Taken);
     }
 
     #[tokio::test]
@@ -386,7 +492,7 @@ mod tests {
         assert!(results.contains(&Offered::Overflowed));
         assert!(outlet.overflowed());
         let mut markers = 0;
-        while let Ok(item) = queue.try_recv() {
+        while let Some(item) = queue.try_recv() {
             markers += usize::from(matches!(item, Queued::Overflowed));
         }
         assert_eq!(markers, 1, "one overflow marker");

@@ -250,11 +250,9 @@ async fn catch_up(
 mod tests {
     use std::time::Duration;
 
+    use crate::outlet::{Backlog, Queued};
     use pollcast_protocol::{DomainEvent, Timestamp};
     use pollcast_stream::EmbeddedStream;
-    use tokio::sync::mpsc;
-
-    use crate::outlet::Queued;
 
     use super::*;
 
@@ -271,7 +269,7 @@ mod tests {
     }
 
     /// A presenter whose task never went live, so everything is queued.
-    fn presenter(format: WireFormat, limit: usize) -> (Member, mpsc::UnboundedReceiver<Queued>) {
+    fn presenter(format: WireFormat, limit: usize) -> (Member, Backlog) {
         let sink = Box::new(tokio::io::sink());
         let (outlet, rx) = Outlet::new(sink, "json", limit, Duration::from_secs(1));
         let member = Member {
@@ -284,11 +282,10 @@ mod tests {
     }
 
     /// The next queued event; `None` for the overflow marker.
-    async fn received(rx: &mut mpsc::UnboundedReceiver<Queued>) -> Option<Arc<EncodedEvent>> {
+    async fn received(rx: &mut Backlog) -> Option<Arc<EncodedEvent>> {
         let queued = tokio::time::timeout(Duration::from_secs(5), rx.recv())
             .await
-            .expect("queued in time")
-            .expect("queue open");
+            .expect("queued in time");
         match queued {
             Queued::Event(event) | Queued::Rest(event, _) => Some(event),
             Queued::Overflowed => None,
