@@ -337,6 +337,15 @@ mod tests {
         })))
     }
 
+    /// The event's whole JSON frame, as the room would offer it.
+    fn json_frame(event: &Arc<EncodedEvent>) -> Vec<u8> {
+        event
+            .framed(WireFormat::Json)
+            .expect("frame")
+            .bytes()
+            .to_vec()
+    }
+
     /// A socket that takes a few hundred bytes at a time makes the room's writes
     /// partial or impossible, and the task's writes wait: the bytes that come out
     /// are still every frame, whole, in order.
@@ -393,19 +402,11 @@ mod tests {
         outlet.set_direct(true).await;
         let session = Uuid::now_v7();
         let first = event(session, 1);
-        let bytes = first
-            .framed(WireFormat::Json)
-            .expect("frame")
-            .bytes()
-            .to_vec();
+        let bytes = json_frame(&first);
         assert!(bytes.len() > 150, "the frame must outgrow socket and limit");
         assert_eq!(outlet.offer(&first, &bytes), Offered::Taken);
         let second = event(session, 2);
-        let frame = second
-            .framed(WireFormat::Json)
-            .expect("frame")
-            .bytes()
-            .to_vec();
+        let frame = json_frame(&second);
         assert_eq!(outlet.offer(&second, &frame), Offered::Overflowed);
         let rest = queue.try_recv().expect("the rest is queued");
         assert!(matches!(rest, Queued::Rest(_, 100)));
@@ -431,21 +432,13 @@ mod tests {
             Outlet::new(Box::new(server), "json", 1 << 20, Duration::from_secs(5));
         let session = Uuid::now_v7();
         let first = event(session, 1);
-        let frame = first
-            .framed(WireFormat::Json)
-            .expect("frame")
-            .bytes()
-            .to_vec();
+        let frame = json_frame(&first);
         assert_eq!(outlet.offer(&first, &frame), Offered::Taken);
         assert_eq!(Arc::strong_count(&first), 2, "queued");
         drop(queue);
         assert_eq!(Arc::strong_count(&first), 1, "let go");
         let second = event(session, 2);
-        let frame = second
-            .framed(WireFormat::Json)
-            .expect("frame")
-            .bytes()
-            .to_vec();
+        let frame = json_frame(&second);
         assert_eq!(outlet.offer(&second, &frame), Offered::Overflowed);
     }
 
@@ -459,11 +452,7 @@ mod tests {
         assert!(waited.is_err(), "nothing queued yet");
         let session = Uuid::now_v7();
         let first = event(session, 1);
-        let frame = first
-            .framed(WireFormat::Json)
-            .expect("frame")
-            .bytes()
-            .to_vec();
+        let frame = json_frame(&first);
         let pusher = Arc::clone(&outlet);
         let push = tokio::spawn(async move { pusher.offer(&first, &frame) });
         let item = tokio::time::timeout(Duration::from_secs(5), queue.recv())
@@ -482,11 +471,7 @@ mod tests {
         let mut results = Vec::new();
         for position in 1..=20 {
             let event = event(session, position);
-            let frame = event
-                .framed(WireFormat::Json)
-                .expect("frame")
-                .bytes()
-                .to_vec();
+            let frame = json_frame(&event);
             results.push(outlet.offer(&event, &frame));
         }
         assert!(results.contains(&Offered::Overflowed));
