@@ -443,6 +443,8 @@ async fn protocol_violations_close_with_1002_or_1007() {
     let pong = br#"{"eventType":"heartbeat:pong"}"#;
     let mut fragmented_bad_utf8 = client_frame(0x01, b"\xe2\x82", key);
     fragmented_bad_utf8.extend(client_frame(0x80, b"\x28", key));
+    let mut interleaved = client_frame(0x01, b"{", key);
+    interleaved.extend(client_frame(0x81, pong, key));
     let cases: Vec<(&str, Vec<u8>, u16)> = vec![
         (
             "invalid UTF-8 text",
@@ -455,6 +457,17 @@ async fn protocol_violations_close_with_1002_or_1007() {
         ("126-byte ping", client_frame(0x89, &[0u8; 126], key), 1002),
         ("fragmented ping", client_frame(0x09, b"x", key), 1002),
         ("1-byte close payload", client_frame(0x88, b"x", key), 1002),
+        (
+            "close code 1005, which is never sent",
+            client_frame(0x88, &1005u16.to_be_bytes(), key),
+            1002,
+        ),
+        ("a new message inside a fragmented one", interleaved, 1002),
+        (
+            "continuation with no message open",
+            client_frame(0x80, pong, key),
+            1002,
+        ),
         ("unmasked text", client_frame(0x81, pong, None), 1002),
         ("unmasked ping", client_frame(0x89, b"x", None), 1002),
     ];
