@@ -12,6 +12,7 @@
 //! its timers.
 
 use std::future::poll_fn;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Poll, ready};
 
@@ -108,11 +109,12 @@ impl<R: AsyncRead + Unpin> ClientReader<R> {
     }
 
     /// Reads what the socket has, through a stack buffer: an idle connection
-    /// holds no read buffer at all.
+    /// holds no read buffer at all. The buffer is left uninitialised because
+    /// this runs whenever the connection task is polled, mostly to find nothing.
     async fn fill(&mut self) -> std::io::Result<usize> {
         poll_fn(|cx| {
-            let mut chunk = [0u8; READ_CHUNK];
-            let mut buf = ReadBuf::new(&mut chunk);
+            let mut chunk = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+            let mut buf = ReadBuf::uninit(&mut chunk);
             ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
             self.buffered.extend_from_slice(buf.filled());
             Poll::Ready(Ok(buf.filled().len()))
