@@ -55,18 +55,20 @@ impl<T: Send + 'static> Batcher<T> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues `item` for the running task, starting one when none runs.
+    /// Queues `item` for the running task, starting one when none runs. Drops
+    /// `item` only when the runtime is shutting down and runs no new task.
     pub async fn send<F, Fut>(&self, domain: &Domain, job: Job<T, F>, mut item: T)
     where
         F: Fn(Domain, Vec<T>) -> Fut + Copy + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         loop {
+            let mut started = None;
             let queue = self
                 .queue()
                 .get_or_insert_with(|| {
                     let (queue, items) = mpsc::channel(QUEUE);
-                    tokio::spawn(run(domain.clone(), job, items, queue.clone()));
+                    started = Some(tokio::spawn(run(domain.clone(), job, items, queue.clone())));
                     queue
                 })
                 .clone();
@@ -75,9 +77,20 @@ impl<T: Send + 'static> Batcher<T> {
                 // The task retired between our lookup and the send (or died):
                 // forget its queue if it is still the one listed, and start again.
                 Err(mpsc::error::SendError(back)) => {
-                    let mut listed = self.queue();
-                    if listed.as_ref().is_some_and(|q| q.same_channel(&queue)) {
-                        *listed = None;
+                    {
+                        let mut listed = self.queue();
+                        if listed.as_ref().is_some_and(|q| q.same_channel(&queue)) {
+                            *listed = None;
+                        }
+                    }
+                    // A task we started that is cancelled before taking anything:
+                    // the runtime is shutting down and cancels every new task, so
+                    // starting another would spin for ever.
+                    if let Some(started) = started
+                        && started.await.is_err()
+                    {
+                        tracing::debug!("batch task not started: the runtime is shutting down");
+                        return;
                     }
                     item = back;
                 }
@@ -132,5 +145,50 @@ async fn run<T, F, Fut>(
     }
     if !rest.is_empty() {
         (job.handle)(domain.clone(), rest).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::LazyLock;
+    use std::sync::mpsc as std_mpsc;
+
+    use super::*;
+
+    static BATCHER: LazyLock<Batcher<u32>> = LazyLock::new(Batcher::default);
+
+    type Handle = fn(Domain, Vec<u32>) -> std::future::Ready<()>;
+
+    fn job() -> Job<u32, Handle> {
+        Job {
+            batcher: |_| &BATCHER,
+            max: 16,
+            handle: |_, _| std::future::ready(()),
+        }
+    }
+
+    /// A runtime shutting down cancels every task it is given: `send` must give
+    /// up rather than start one batch task after another for ever (it did, and
+    /// hung a test run at 100 % CPU while its runtime was dropped).
+    #[test]
+    fn send_gives_up_when_the_runtime_shuts_down() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let domain = rt.block_on(crate::testing::domain());
+        rt.block_on(BATCHER.send(&domain, job(), 1));
+        let handle = rt.handle().clone();
+        rt.shutdown_background();
+        let (done, finished) = std_mpsc::channel();
+        std::thread::spawn(move || {
+            handle.block_on(BATCHER.send(&domain, job(), 2));
+            let _ = done.send(());
+        });
+        assert!(
+            finished.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "send returned"
+        );
     }
 }
