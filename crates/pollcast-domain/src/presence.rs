@@ -5,9 +5,15 @@
 //! connection is a row of `connections`, so the count of a participant's open
 //! connections is shared by every api node and survives their restarts: the first
 //! connection opening marks the participant connected, the last one closing marks
-//! them disconnected and emits `participant:disconnected`, in one session
-//! transaction (the session lock orders the changes of one session even when two
-//! api nodes handle its signals at once).
+//! them disconnected and emits `participant:disconnected`, in one transaction
+//! under the session's lock (which orders the changes of one session even when
+//! two api nodes handle its signals at once).
+//!
+//! Signals are applied in batches: the tracker takes every signal already
+//! waiting (up to [`MAX_SIGNALS`]) and writes them in one transaction with a
+//! few statements, deciding each in order exactly as a transaction of its own
+//! would. When 10 000 clients reconnect at once, that is some 40 transactions
+//! instead of 20 000, each of which would wait for its own disk sync.
 //!
 //! Signals may be handled out of order (several api nodes pull from one queue), so
 //! a `Disconnected` for a connection not seen yet leaves a closed row (a
@@ -18,23 +24,25 @@
 //! interval, and closes it (4408) when answers stop. Heartbeat answers are written
 //! in one transaction per flush interval, however many arrived.
 
-use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use pollcast_protocol::{DomainEvent, PresenceKind, PresenceSignal};
 use pollcast_store::{connection, participant};
-use sea_orm::sea_query::{Expr, OnConflict};
+use sea_orm::sea_query::{CaseStatement, Expr, OnConflict};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect,
-    TransactionTrait,
+    ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QuerySelect, TransactionTrait,
 };
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::tx::SessionTx;
+use crate::tx::SessionsTx;
 use crate::{Domain, DomainResult};
 
+/// Most signals applied in one transaction.
+const MAX_SIGNALS: usize = 512;
 /// How long the tracker waits for more signals once shutdown began.
 const SHUTDOWN_DRAIN: Duration = Duration::from_millis(100);
 /// Stale connections closed per sweep round.
@@ -97,12 +105,8 @@ impl PresenceTracker {
         let mut flush = tokio::time::interval(self.flush_every);
         loop {
             tokio::select! {
-                signal = feed.next() => match signal {
-                    Ok(signal) => {
-                        if let Err(err) = self.apply(signal).await {
-                            tracing::warn!(error = %err, "presence update failed");
-                        }
-                    }
+                signals = feed.next_batch(MAX_SIGNALS) => match signals {
+                    Ok(signals) => self.apply(signals).await,
                     Err(pollcast_stream::StreamError::Lagged { skipped }) => {
                         tracing::warn!(skipped, "presence signals lost; the sweep and heartbeats will correct");
                     }
@@ -119,62 +123,61 @@ impl PresenceTracker {
         }
         // Edges close their connections before the tracker stops: apply the
         // disconnects they just reported, so no one stays marked connected.
-        while let Ok(Ok(signal)) = tokio::time::timeout(SHUTDOWN_DRAIN, feed.next()).await {
-            if let Err(err) = self.apply(signal).await {
-                tracing::warn!(error = %err, "presence update failed at shutdown");
-            }
+        while let Ok(Ok(signals)) =
+            tokio::time::timeout(SHUTDOWN_DRAIN, feed.next_batch(MAX_SIGNALS)).await
+        {
+            self.apply(signals).await;
         }
         self.flush_seen().await;
     }
 
-    async fn apply(&mut self, signal: PresenceSignal) -> DomainResult<()> {
-        let at = signal.at.datetime();
-        match signal.kind {
-            PresenceKind::Connected => self.open(signal, at).await,
-            PresenceKind::Seen => {
-                let seen = self.seen.entry(signal.connection_id).or_insert(Seen {
-                    participant: signal.participant_id,
-                    at,
-                });
-                seen.at = seen.at.max(at);
-                Ok(())
+    /// Applies signals in the order they came: heartbeats are gathered for the
+    /// next flush, opens and closes are written in one transaction.
+    async fn apply(&mut self, signals: Vec<PresenceSignal>) {
+        let mut changes = Vec::with_capacity(signals.len());
+        for signal in signals {
+            let at = signal.at.datetime();
+            match signal.kind {
+                PresenceKind::Seen => {
+                    let seen = self.seen.entry(signal.connection_id).or_insert(Seen {
+                        participant: signal.participant_id,
+                        at,
+                    });
+                    seen.at = seen.at.max(at);
+                    continue;
+                }
+                PresenceKind::Disconnected => {
+                    self.seen.remove(&signal.connection_id);
+                }
+                PresenceKind::Connected => {}
             }
-            PresenceKind::Disconnected => {
-                self.seen.remove(&signal.connection_id);
-                close(
-                    &self.domain,
-                    signal.session_id,
-                    signal.participant_id,
-                    signal.connection_id,
-                    at,
-                )
-                .await
+            changes.push(Change {
+                session: signal.session_id,
+                participant: signal.participant_id,
+                connection: signal.connection_id,
+                open: signal.kind == PresenceKind::Connected,
+                at,
+            });
+        }
+        if changes.is_empty() {
+            return;
+        }
+        match write_changes(&self.domain, &changes).await {
+            Ok(()) => {}
+            Err(err) if changes.len() > 1 => {
+                // Nothing of the batch committed. One change that cannot be
+                // written must not lose its neighbours: write each alone.
+                tracing::warn!(error = %err, changes = changes.len(), "presence batch failed; writing its changes one by one");
+                for change in &changes {
+                    if let Err(err) =
+                        write_changes(&self.domain, std::slice::from_ref(change)).await
+                    {
+                        tracing::warn!(error = %err, connection = %change.connection, "presence update failed");
+                    }
+                }
             }
+            Err(err) => tracing::warn!(error = %err, "presence update failed"),
         }
-    }
-
-    /// Records an open connection; the participant's first marks them connected.
-    async fn open(&self, signal: PresenceSignal, at: DateTime<Utc>) -> DomainResult<()> {
-        let tx = SessionTx::begin(&self.domain, signal.session_id).await?;
-        // A tombstone (closed before this signal arrived) wins: do nothing.
-        let inserted = insert_connection(
-            &tx.txn,
-            signal.session_id,
-            signal.participant_id,
-            signal.connection_id,
-            true,
-            at,
-        )
-        .await?;
-        if inserted == 1 {
-            participant::Entity::update_many()
-                .col_expr(participant::Column::Connected, Expr::value(true))
-                .col_expr(participant::Column::LastSeenAt, Expr::value(at))
-                .filter(participant::Column::Id.eq(signal.participant_id))
-                .exec(&tx.txn)
-                .await?;
-        }
-        tx.commit(&self.domain).await
     }
 
     /// Writes the heartbeats gathered since the last flush, in one transaction.
@@ -225,17 +228,23 @@ impl PresenceTracker {
                 .all(self.domain.db())
                 .await?;
             let full = stale.len() as u64 == SWEEP_BATCH;
-            for row in stale {
-                tracing::info!(connection = %row.id, participant = %row.participant_id, "connection silent past the presence timeout; closing it");
-                metrics::counter!("pollcast_presence_swept_total").increment(1);
-                close(
-                    &self.domain,
-                    row.session_id,
-                    row.participant_id,
-                    row.id,
-                    row.seen_at,
-                )
-                .await?;
+            let closes: Vec<Change> = stale
+                .into_iter()
+                .map(|row| {
+                    tracing::info!(connection = %row.id, participant = %row.participant_id, "connection silent past the presence timeout; closing it");
+                    // Closed as of its last sign of life.
+                    Change {
+                        session: row.session_id,
+                        participant: row.participant_id,
+                        connection: row.id,
+                        open: false,
+                        at: row.seen_at,
+                    }
+                })
+                .collect();
+            if !closes.is_empty() {
+                write_changes(&self.domain, &closes).await?;
+                metrics::counter!("pollcast_presence_swept_total").increment(closes.len() as u64);
             }
             if !full {
                 break;
@@ -253,79 +262,385 @@ impl PresenceTracker {
     }
 }
 
-/// Closes one connection; the participant's last one marks them disconnected and
-/// tells the presenters, in one change.
-async fn close(
-    domain: &Domain,
+/// A connection opening or closing, as an edge's signal or the sweep reports it.
+#[derive(Clone, Copy)]
+struct Change {
     session: Uuid,
     participant: Uuid,
-    connection_id: Uuid,
+    connection: Uuid,
+    open: bool,
     at: DateTime<Utc>,
-) -> DomainResult<()> {
-    let mut tx = SessionTx::begin(domain, session).await?;
-    let closed = connection::Entity::update_many()
-        .col_expr(connection::Column::Open, Expr::value(false))
-        .col_expr(connection::Column::SeenAt, Expr::value(at))
-        .filter(connection::Column::Id.eq(connection_id))
-        .filter(connection::Column::Open.eq(true))
-        .exec(&tx.txn)
+}
+
+/// A connection as the changes so far leave it.
+struct Conn {
+    session: Uuid,
+    participant: Uuid,
+    open: bool,
+    seen_at: DateTime<Utc>,
+    /// It had no row: one is inserted, in its final state.
+    new: bool,
+}
+
+/// A participant as the changes so far leave them.
+struct Person {
+    display_name: String,
+    connected: bool,
+    last_seen_at: DateTime<Utc>,
+    /// Their open connections.
+    open: i64,
+    changed: bool,
+}
+
+/// Rows per multi-row statement: far below SQLite's 32 766 bound variables.
+const ROWS_PER_STATEMENT: usize = 512;
+
+/// Writes opens and closes, in order, in one transaction under their sessions'
+/// locks, with a constant number of statements however many there are: what
+/// the rows say is read first, each change is decided in memory exactly as a
+/// transaction of its own would decide it, then the rows are written.
+///
+/// - An open inserts its connection's row; the participant's first marks them
+///   connected. A row there already (open, or a tombstone) wins: nothing happens.
+/// - A close closes an open row; the participant's last marks them disconnected
+///   and emits `participant:disconnected`. A close of a connection with no row
+///   (its open is late) leaves a tombstone, so it never opens.
+async fn write_changes(domain: &Domain, changes: &[Change]) -> DomainResult<()> {
+    let mut tx = SessionsTx::begin(domain, changes.iter().map(|c| c.session)).await?;
+    let mut conns: HashMap<Uuid, Conn> = connection::Entity::find()
+        .filter(connection::Column::Id.is_in(changes.iter().map(|c| c.connection)))
+        .all(&tx.txn)
         .await?
-        .rows_affected;
-    if closed == 0 {
-        // Closed already (a repeat, or the sweep came first), or not opened yet
-        // (its `Connected` is late): leave a tombstone so it never opens.
-        insert_connection(&tx.txn, session, participant, connection_id, false, at).await?;
-        return tx.commit(domain).await;
-    }
-    let still_open = connection::Entity::find()
-        .filter(connection::Column::ParticipantId.eq(participant))
+        .into_iter()
+        .map(|row| {
+            let conn = Conn {
+                session: row.session_id,
+                participant: row.participant_id,
+                open: row.open,
+                seen_at: row.seen_at,
+                new: false,
+            };
+            (row.id, conn)
+        })
+        .collect();
+    let participants: HashSet<Uuid> = changes.iter().map(|c| c.participant).collect();
+    let open: HashMap<Uuid, i64> = connection::Entity::find()
+        .select_only()
+        .column(connection::Column::ParticipantId)
+        .column_as(connection::Column::Id.count(), "open")
+        .filter(connection::Column::ParticipantId.is_in(participants.iter().copied()))
         .filter(connection::Column::Open.eq(true))
-        .count(&tx.txn)
-        .await?;
-    if still_open == 0
-        && let Some(row) = participant::Entity::find_by_id(participant)
-            .one(&tx.txn)
-            .await?
-    {
-        participant::Entity::update_many()
-            .col_expr(participant::Column::Connected, Expr::value(false))
-            .col_expr(
-                participant::Column::LastSeenAt,
-                Expr::value(at.max(row.last_seen_at)),
+        .group_by(connection::Column::ParticipantId)
+        .into_tuple::<(Uuid, i64)>()
+        .all(&tx.txn)
+        .await?
+        .into_iter()
+        .collect();
+    let mut people: HashMap<Uuid, Person> = participant::Entity::find()
+        .select_only()
+        .columns([
+            participant::Column::Id,
+            participant::Column::DisplayName,
+            participant::Column::Connected,
+            participant::Column::LastSeenAt,
+        ])
+        .filter(participant::Column::Id.is_in(participants))
+        .into_tuple::<(Uuid, String, bool, DateTime<Utc>)>()
+        .all(&tx.txn)
+        .await?
+        .into_iter()
+        .map(|(id, display_name, connected, last_seen_at)| {
+            let person = Person {
+                display_name,
+                connected,
+                last_seen_at,
+                open: open.get(&id).copied().unwrap_or(0),
+                changed: false,
+            };
+            (id, person)
+        })
+        .collect();
+    // Rows already closed by this batch (not inserted by it): updated below.
+    let mut closed = HashSet::new();
+    for change in changes {
+        if !tx.sessions.contains_key(&change.session) {
+            // The session is gone, and its connections with it.
+            continue;
+        }
+        let conn = match conns.entry(change.connection) {
+            Entry::Vacant(slot) => {
+                slot.insert(Conn {
+                    session: change.session,
+                    participant: change.participant,
+                    open: change.open,
+                    seen_at: change.at,
+                    new: true,
+                });
+                if change.open
+                    && let Some(person) = people.get_mut(&change.participant)
+                {
+                    person.open += 1;
+                    person.connected = true;
+                    person.last_seen_at = person.last_seen_at.max(change.at);
+                    person.changed = true;
+                }
+                continue;
+            }
+            // Open already, or a tombstone: an open changes nothing, nor does
+            // a close of a closed connection.
+            Entry::Occupied(slot) if change.open || !slot.get().open => continue,
+            Entry::Occupied(slot) => slot.into_mut(),
+        };
+        conn.open = false;
+        conn.seen_at = change.at;
+        if !conn.new {
+            closed.insert(change.connection);
+        }
+        let Some(person) = people.get_mut(&conn.participant) else {
+            continue;
+        };
+        person.open -= 1;
+        if person.open == 0 {
+            person.connected = false;
+            person.last_seen_at = person.last_seen_at.max(change.at);
+            person.changed = true;
+            tx.emit(
+                conn.session,
+                DomainEvent::ParticipantDisconnected {
+                    participant_id: conn.participant,
+                    display_name: person.display_name.clone(),
+                },
+            );
+        }
+    }
+    let inserts: Vec<connection::ActiveModel> = conns
+        .iter()
+        .filter(|(_, conn)| conn.new)
+        .map(|(id, conn)| connection::ActiveModel {
+            id: Set(*id),
+            session_id: Set(conn.session),
+            participant_id: Set(conn.participant),
+            open: Set(conn.open),
+            seen_at: Set(conn.seen_at),
+        })
+        .collect();
+    for chunk in inserts.chunks(ROWS_PER_STATEMENT) {
+        connection::Entity::insert_many(chunk.to_vec())
+            .on_conflict(
+                OnConflict::column(connection::Column::Id)
+                    .do_nothing()
+                    .to_owned(),
             )
-            .filter(participant::Column::Id.eq(participant))
+            .exec_without_returning(&tx.txn)
+            .await?;
+    }
+    let closed: Vec<Uuid> = closed.into_iter().collect();
+    for chunk in closed.chunks(ROWS_PER_STATEMENT) {
+        let mut seen_at = CaseStatement::new();
+        for id in chunk {
+            if let Some(conn) = conns.get(id) {
+                seen_at = seen_at.case(connection::Column::Id.eq(*id), Expr::value(conn.seen_at));
+            }
+        }
+        connection::Entity::update_many()
+            .col_expr(connection::Column::Open, Expr::value(false))
+            .col_expr(
+                connection::Column::SeenAt,
+                seen_at
+                    .finally(Expr::col(connection::Column::SeenAt))
+                    .into(),
+            )
+            .filter(connection::Column::Id.is_in(chunk.iter().copied()))
             .exec(&tx.txn)
             .await?;
-        tx.emit(DomainEvent::ParticipantDisconnected {
-            participant_id: participant,
-            display_name: row.display_name,
-        });
+    }
+    let changed: Vec<(&Uuid, &Person)> = people.iter().filter(|(_, p)| p.changed).collect();
+    for chunk in changed.chunks(ROWS_PER_STATEMENT) {
+        let mut connected = CaseStatement::new();
+        let mut last_seen_at = CaseStatement::new();
+        for (id, person) in chunk {
+            connected = connected.case(
+                participant::Column::Id.eq(**id),
+                Expr::value(person.connected),
+            );
+            last_seen_at = last_seen_at.case(
+                participant::Column::Id.eq(**id),
+                Expr::value(person.last_seen_at),
+            );
+        }
+        participant::Entity::update_many()
+            .col_expr(
+                participant::Column::Connected,
+                connected
+                    .finally(Expr::col(participant::Column::Connected))
+                    .into(),
+            )
+            .col_expr(
+                participant::Column::LastSeenAt,
+                last_seen_at
+                    .finally(Expr::col(participant::Column::LastSeenAt))
+                    .into(),
+            )
+            .filter(participant::Column::Id.is_in(chunk.iter().map(|(id, _)| **id)))
+            .exec(&tx.txn)
+            .await?;
     }
     tx.commit(domain).await
 }
 
-/// Inserts a connection row unless one with its id exists; returns how many rows
-/// were inserted (0 or 1).
-async fn insert_connection(
-    txn: &sea_orm::DatabaseTransaction,
-    session: Uuid,
-    participant: Uuid,
-    connection_id: Uuid,
-    open: bool,
-    at: DateTime<Utc>,
-) -> DomainResult<u64> {
-    Ok(connection::Entity::insert(connection::ActiveModel {
-        id: Set(connection_id),
-        session_id: Set(session),
-        participant_id: Set(participant),
-        open: Set(open),
-        seen_at: Set(at),
-    })
-    .on_conflict(
-        OnConflict::column(connection::Column::Id)
-            .do_nothing()
-            .to_owned(),
-    )
-    .exec_without_returning(txn)
-    .await?)
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{domain, outbox_of, voting_session};
+
+    fn change(session: Uuid, participant: Uuid, connection: Uuid, open: bool) -> Change {
+        Change {
+            session,
+            participant,
+            connection,
+            open,
+            at: Utc::now(),
+        }
+    }
+
+    /// Each connection's `open`, by id (absent: no row).
+    async fn rows(domain: &Domain) -> HashMap<Uuid, bool> {
+        connection::Entity::find()
+            .all(domain.db())
+            .await
+            .expect("connections")
+            .into_iter()
+            .map(|row| (row.id, row.open))
+            .collect()
+    }
+
+    async fn connected(domain: &Domain, participant: Uuid) -> bool {
+        participant::Entity::find_by_id(participant)
+            .one(domain.db())
+            .await
+            .expect("participant")
+            .expect("exists")
+            .connected
+    }
+
+    /// One batch holding what a reconnect wave brings (old connections closing,
+    /// new ones opening, late and repeated signals) ends where applying the
+    /// signals one transaction each, in the same order, would.
+    #[tokio::test]
+    async fn a_batch_decides_each_change_in_order_as_its_own_transaction_would() {
+        let domain = domain().await;
+        let (_, session, _, people) = voting_session(&domain, 5).await;
+        let [ada, bob, cy, dee, eve] = people[..] else {
+            panic!("five participants");
+        };
+        let [a1, a2, a3, b1, b2, c1, d1, e1, e2] = std::array::from_fn(|_| Uuid::now_v7());
+        // Before: Ada on a1, Bob on b1 and b2, Dee on d1, Eve on e1.
+        let before = [(ada, a1), (bob, b1), (bob, b2), (dee, d1), (eve, e1)]
+            .map(|(p, c)| change(session, p, c, true));
+        write_changes(&domain, &before).await.expect("opens");
+        let events_before = outbox_of(&domain, session).await.len();
+        let dee_left =
+            DateTime::from_timestamp(Utc::now().timestamp() + 3600, 0).expect("a valid time");
+
+        let batch = [
+            // Ada reconnects: her only connection closes, a new one opens.
+            change(session, ada, a1, false),
+            change(session, ada, a2, true),
+            // A connection opened and closed within the batch.
+            change(session, ada, a3, true),
+            change(session, ada, a3, false),
+            // Bob closes one of two, and the close is repeated: still connected.
+            change(session, bob, b1, false),
+            change(session, bob, b1, false),
+            // Eve opens a new connection before her old one closes: never gone.
+            change(session, eve, e2, true),
+            change(session, eve, e1, false),
+            // Cy's close arrives before its open: a tombstone, never opened.
+            change(session, cy, c1, false),
+            change(session, cy, c1, true),
+            // Dee leaves (her last sign of life, later than any other); her
+            // close is repeated.
+            Change {
+                at: dee_left,
+                ..change(session, dee, d1, false)
+            },
+            change(session, dee, d1, false),
+        ];
+        write_changes(&domain, &batch).await.expect("batch");
+
+        let rows = rows(&domain).await;
+        let open: HashMap<Uuid, bool> = [
+            (a1, false),
+            (a2, true),
+            (a3, false),
+            (b1, false),
+            (b2, true),
+            (c1, false),
+            (d1, false),
+            (e1, false),
+            (e2, true),
+        ]
+        .into();
+        assert_eq!(rows, open);
+        assert!(connected(&domain, ada).await);
+        assert!(connected(&domain, bob).await);
+        assert!(!connected(&domain, cy).await);
+        assert!(!connected(&domain, dee).await);
+        let dee_row = participant::Entity::find_by_id(dee).one(domain.db()).await;
+        assert_eq!(dee_row.expect("read").expect("dee").last_seen_at, dee_left);
+        assert!(connected(&domain, eve).await);
+        // Ada's last connection was gone for a moment, Dee's for good: one
+        // `participant:disconnected` each, in the order of their closes.
+        let events: Vec<String> = outbox_of(&domain, session).await[events_before..]
+            .iter()
+            .map(|(_, event_type)| event_type.clone())
+            .collect();
+        assert_eq!(
+            events,
+            ["participant:disconnected", "participant:disconnected"]
+        );
+        let payloads: Vec<Uuid> = {
+            use pollcast_store::outbox;
+            use sea_orm::QueryOrder;
+            outbox::Entity::find()
+                .filter(outbox::Column::SessionId.eq(session))
+                .filter(outbox::Column::EventType.eq("participant:disconnected"))
+                .order_by_asc(outbox::Column::Position)
+                .all(domain.db())
+                .await
+                .expect("outbox")
+                .into_iter()
+                .map(|row| {
+                    let event: DomainEvent = serde_json::from_str(&row.payload).expect("event");
+                    match event {
+                        DomainEvent::ParticipantDisconnected { participant_id, .. } => {
+                            participant_id
+                        }
+                        other => panic!("unexpected {other:?}"),
+                    }
+                })
+                .collect()
+        };
+        assert_eq!(payloads, [ada, dee]);
+    }
+
+    /// Signals of several sessions, one of them gone, go in one batch: the gone
+    /// session's are dropped and the others' written.
+    #[tokio::test]
+    async fn a_batch_spans_sessions_and_skips_a_gone_one() {
+        let domain = domain().await;
+        let (_, first, _, a) = voting_session(&domain, 1).await;
+        let (_, second, _, b) = voting_session(&domain, 1).await;
+        let (gone, ghost, lost) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let (ca, cb) = (Uuid::now_v7(), Uuid::now_v7());
+        let batch = [
+            change(first, a[0], ca, true),
+            change(gone, ghost, lost, true),
+            change(second, b[0], cb, true),
+        ];
+        write_changes(&domain, &batch).await.expect("batch");
+        assert_eq!(rows(&domain).await, [(ca, true), (cb, true)].into());
+        assert!(connected(&domain, a[0]).await);
+        assert!(connected(&domain, b[0]).await);
+    }
 }

@@ -316,24 +316,44 @@ impl EventStream for EmbeddedStream {
     async fn presence(&self) -> Result<PresenceFeed, StreamError> {
         Ok(Box::new(EmbeddedPresence {
             receiver: self.presence.subscribe(),
+            lagged: None,
         }))
     }
 }
 
 struct EmbeddedPresence {
     receiver: broadcast::Receiver<PresenceSignal>,
+    /// Signals skipped while a batch was being gathered, reported by the next
+    /// call so the batch gathered before them is not lost.
+    lagged: Option<u64>,
 }
 
 #[async_trait]
 impl PresenceSignals for EmbeddedPresence {
-    async fn next(&mut self) -> Result<PresenceSignal, StreamError> {
-        match self.receiver.recv().await {
-            Ok(signal) => Ok(signal),
-            Err(broadcast::error::RecvError::Lagged(skipped)) => {
-                Err(StreamError::Lagged { skipped })
-            }
-            Err(broadcast::error::RecvError::Closed) => Err(StreamError::Closed),
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<PresenceSignal>, StreamError> {
+        if let Some(skipped) = self.lagged.take() {
+            return Err(StreamError::Lagged { skipped });
         }
+        let first = match self.receiver.recv().await {
+            Ok(signal) => signal,
+            Err(broadcast::error::RecvError::Lagged(skipped)) => {
+                return Err(StreamError::Lagged { skipped });
+            }
+            Err(broadcast::error::RecvError::Closed) => return Err(StreamError::Closed),
+        };
+        let mut batch = vec![first];
+        while batch.len() < max {
+            match self.receiver.try_recv() {
+                Ok(signal) => batch.push(signal),
+                Err(broadcast::error::TryRecvError::Lagged(skipped)) => {
+                    self.lagged = Some(skipped);
+                    break;
+                }
+                // Empty, or closed: the next call says which.
+                Err(_) => break,
+            }
+        }
+        Ok(batch)
     }
 }
 

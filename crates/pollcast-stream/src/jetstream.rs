@@ -67,7 +67,7 @@ use async_nats::jetstream::{self, Context, ErrorCode};
 use async_nats::{Client, ConnectOptions, Event, ServerAddr, Subscriber};
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use pollcast_protocol::{DomainEvent, Envelope, PresenceSignal, SessionEvent, WireFormat};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, Sleep};
@@ -993,7 +993,7 @@ impl EventStream for JetStreamStream {
         Ok(Box::new(NatsPresence {
             consumer,
             messages: None,
-            unacked: None,
+            unacked: Vec::new(),
         }))
     }
 }
@@ -1068,44 +1068,58 @@ impl LiveEvents for NatsLive {
 struct NatsPresence {
     consumer: PullConsumer,
     messages: Option<pull::Stream>,
-    /// The signal handed out last: acknowledged when the next one is asked for,
+    /// The batch handed out last: acknowledged when the next one is asked for,
     /// that is, once the caller has applied it.
-    unacked: Option<jetstream::Message>,
+    unacked: Vec<jetstream::Message>,
+}
+
+impl NatsPresence {
+    /// The consumer's message stream, opened when first needed or after it ended.
+    async fn messages(&mut self) -> &mut pull::Stream {
+        let messages = match self.messages.take() {
+            Some(messages) => messages,
+            None => loop {
+                match self.consumer.messages().await {
+                    Ok(messages) => break messages,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "presence consumer unavailable");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            },
+        };
+        self.messages.insert(messages)
+    }
+
+    /// Keeps a delivered message's signal in `batch`, or acknowledges and drops
+    /// one that cannot be decoded.
+    async fn take(&mut self, message: jetstream::Message, batch: &mut Vec<PresenceSignal>) {
+        match WireFormat::MessagePack.decode::<PresenceSignal>(&message.payload) {
+            Ok(signal) => {
+                batch.push(signal);
+                self.unacked.push(message);
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "undecodable presence signal dropped");
+                let _ = message.ack().await;
+            }
+        }
+    }
 }
 
 #[async_trait]
 impl PresenceSignals for NatsPresence {
-    async fn next(&mut self) -> Result<PresenceSignal, StreamError> {
-        if let Some(done) = self.unacked.take()
-            && let Err(err) = done.ack().await
-        {
-            tracing::warn!(error = %err, "presence ack failed; the signal comes again");
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<PresenceSignal>, StreamError> {
+        for done in std::mem::take(&mut self.unacked) {
+            if let Err(err) = done.ack().await {
+                tracing::warn!(error = %err, "presence ack failed; the signal comes again");
+            }
         }
-        loop {
-            let messages = match &mut self.messages {
-                Some(messages) => messages,
-                None => match self.consumer.messages().await {
-                    Ok(messages) => self.messages.insert(messages),
-                    Err(err) => {
-                        tracing::warn!(error = %err, "presence consumer unavailable");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        continue;
-                    }
-                },
-            };
-            match messages.next().await {
-                Some(Ok(message)) => {
-                    match WireFormat::MessagePack.decode::<PresenceSignal>(&message.payload) {
-                        Ok(signal) => {
-                            self.unacked = Some(message);
-                            return Ok(signal);
-                        }
-                        Err(err) => {
-                            tracing::warn!(error = %err, "undecodable presence signal dropped");
-                            let _ = message.ack().await;
-                        }
-                    }
-                }
+        let mut batch = Vec::new();
+        // Wait for the first signal...
+        while batch.is_empty() {
+            match self.messages().await.next().await {
+                Some(Ok(message)) => self.take(message, &mut batch).await,
                 Some(Err(err)) => {
                     // Missed heartbeats during an outage and the like: the pull
                     // stream recovers by itself; don't spin meanwhile.
@@ -1115,6 +1129,14 @@ impl PresenceSignals for NatsPresence {
                 None => self.messages = None,
             }
         }
+        // ...then take those already delivered behind it, without waiting.
+        while batch.len() < max {
+            let Some(Some(Ok(message))) = self.messages().await.next().now_or_never() else {
+                break;
+            };
+            self.take(message, &mut batch).await;
+        }
+        Ok(batch)
     }
 }
 

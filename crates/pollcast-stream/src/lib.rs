@@ -110,8 +110,13 @@ pub type Subscription = Box<dyn LiveEvents>;
 /// Presence signals from every edge, from the moment of subscribing on.
 #[async_trait]
 pub trait PresenceSignals: Send {
-    /// The next signal. [`StreamError::Lagged`] means some were skipped.
-    async fn next(&mut self) -> Result<PresenceSignal, StreamError>;
+    /// Waits for the next signal, then returns it with the signals already
+    /// waiting behind it, at most `max` (at least 1), in order: a reconnect wave
+    /// is then applied in a few transactions rather than one per signal.
+    /// [`StreamError::Lagged`] means some were skipped. A durable feed
+    /// acknowledges a batch when the next one is asked for, that is, once the
+    /// caller has applied it.
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<PresenceSignal>, StreamError>;
 }
 
 /// A subscription to presence signals.
