@@ -33,7 +33,8 @@ use pollcast_protocol::{DomainEvent, PresenceKind, PresenceSignal};
 use pollcast_store::{connection, participant};
 use sea_orm::sea_query::{CaseStatement, Expr, OnConflict};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QuerySelect, TransactionTrait,
+    ActiveValue::Set, ColumnTrait, Condition, EntityTrait, QueryFilter, QuerySelect,
+    TransactionTrait,
 };
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -180,26 +181,65 @@ impl PresenceTracker {
         }
     }
 
-    /// Writes the heartbeats gathered since the last flush, in one transaction.
+    /// Writes the heartbeats gathered since the last flush, in one transaction
+    /// with two statements per [`ROWS_PER_STATEMENT`] connections: at 10 000
+    /// connections a flush holds hundreds of heartbeats.
     async fn flush_seen(&mut self) {
         if self.seen.is_empty() {
             return;
         }
-        let batch = std::mem::take(&mut self.seen);
+        let batch: Vec<(Uuid, Seen)> = std::mem::take(&mut self.seen).into_iter().collect();
+        // A participant's newest heartbeat, whichever of their connections sent it.
+        let mut people: HashMap<Uuid, DateTime<Utc>> = HashMap::new();
+        for (_, seen) in &batch {
+            let at = people.entry(seen.participant).or_insert(seen.at);
+            *at = (*at).max(seen.at);
+        }
+        let people: Vec<(Uuid, DateTime<Utc>)> = people.into_iter().collect();
         let result: DomainResult<()> = async {
             let txn = self.domain.db().begin().await?;
-            for (connection_id, seen) in &batch {
+            // Times only move forward: a heartbeat older than what a row holds
+            // leaves it as it is, and a closed connection is not touched.
+            for chunk in batch.chunks(ROWS_PER_STATEMENT) {
+                let mut seen_at = CaseStatement::new();
+                for (id, seen) in chunk {
+                    seen_at = seen_at.case(
+                        Condition::all()
+                            .add(connection::Column::Id.eq(*id))
+                            .add(connection::Column::SeenAt.lt(seen.at)),
+                        Expr::value(seen.at),
+                    );
+                }
                 connection::Entity::update_many()
-                    .col_expr(connection::Column::SeenAt, Expr::value(seen.at))
-                    .filter(connection::Column::Id.eq(*connection_id))
+                    .col_expr(
+                        connection::Column::SeenAt,
+                        seen_at
+                            .finally(Expr::col(connection::Column::SeenAt))
+                            .into(),
+                    )
+                    .filter(connection::Column::Id.is_in(chunk.iter().map(|(id, _)| *id)))
                     .filter(connection::Column::Open.eq(true))
-                    .filter(connection::Column::SeenAt.lt(seen.at))
                     .exec(&txn)
                     .await?;
+            }
+            for chunk in people.chunks(ROWS_PER_STATEMENT) {
+                let mut last_seen_at = CaseStatement::new();
+                for (id, at) in chunk {
+                    last_seen_at = last_seen_at.case(
+                        Condition::all()
+                            .add(participant::Column::Id.eq(*id))
+                            .add(participant::Column::LastSeenAt.lt(*at)),
+                        Expr::value(*at),
+                    );
+                }
                 participant::Entity::update_many()
-                    .col_expr(participant::Column::LastSeenAt, Expr::value(seen.at))
-                    .filter(participant::Column::Id.eq(seen.participant))
-                    .filter(participant::Column::LastSeenAt.lt(seen.at))
+                    .col_expr(
+                        participant::Column::LastSeenAt,
+                        last_seen_at
+                            .finally(Expr::col(participant::Column::LastSeenAt))
+                            .into(),
+                    )
+                    .filter(participant::Column::Id.is_in(chunk.iter().map(|(id, _)| *id)))
                     .exec(&txn)
                     .await?;
             }
@@ -622,6 +662,74 @@ mod tests {
                 .collect()
         };
         assert_eq!(payloads, [ada, dee]);
+    }
+
+    /// Heartbeats move `seen_at` and `lastSeenAt` forward only, take a
+    /// participant's newest across their connections, and leave closed
+    /// connections alone.
+    #[tokio::test]
+    async fn heartbeats_are_written_forward_only_in_one_flush() {
+        let domain = domain().await;
+        let (_, session, _, people) = voting_session(&domain, 2).await;
+        let [ada, bob] = people[..] else {
+            panic!("two participants");
+        };
+        let [a1, a2, b1] = std::array::from_fn(|_| Uuid::now_v7());
+        let opened = DateTime::from_timestamp(Utc::now().timestamp() + 100, 0).expect("time");
+        let at = |seconds: i64| opened + chrono::Duration::seconds(seconds);
+        let opens = [(ada, a1), (ada, a2), (bob, b1)].map(|(p, c)| Change {
+            at: opened,
+            ..change(session, p, c, true)
+        });
+        write_changes(&domain, &opens).await.expect("opens");
+        write_changes(
+            &domain,
+            &[Change {
+                at: at(1),
+                ..change(session, ada, a2, false)
+            }],
+        )
+        .await
+        .expect("close a2");
+        let mut tracker = domain.presence_tracker();
+        let seen = |connection, participant, at| PresenceSignal {
+            session_id: session,
+            participant_id: participant,
+            connection_id: connection,
+            kind: PresenceKind::Seen,
+            at: pollcast_protocol::Timestamp::from(at),
+        };
+        tracker
+            .apply(vec![
+                seen(a1, ada, at(5)),
+                // Closed: not moved, though it counts for Ada.
+                seen(a2, ada, at(9)),
+                // Older than Bob's open: changes nothing.
+                seen(b1, bob, at(-50)),
+            ])
+            .await;
+        tracker.flush_seen().await;
+        let rows: HashMap<Uuid, DateTime<Utc>> = connection::Entity::find()
+            .all(domain.db())
+            .await
+            .expect("connections")
+            .into_iter()
+            .map(|row| (row.id, row.seen_at))
+            .collect();
+        assert_eq!(rows, [(a1, at(5)), (a2, at(1)), (b1, opened)].into());
+        let last_seen = |participant| {
+            let domain = domain.clone();
+            async move {
+                participant::Entity::find_by_id(participant)
+                    .one(domain.db())
+                    .await
+                    .expect("read")
+                    .expect("exists")
+                    .last_seen_at
+            }
+        };
+        assert_eq!(last_seen(ada).await, at(9));
+        assert_eq!(last_seen(bob).await, opened);
     }
 
     /// Signals of several sessions, one of them gone, go in one batch: the gone
