@@ -10,7 +10,6 @@ use pollcast_api::RateLimitConfig;
 use pollcast_domain::{DomainConfig, TokenKeys};
 use pollcast_edge::EdgeConfig;
 use pollcast_stream::EmbeddedStream;
-use tokio::net::TcpListener;
 
 /// A server on 127.0.0.1:0 with a SQLite file in a temp dir, the embedded stream,
 /// no rate limits and no per-session caps (benchmarks measure the path, not the
@@ -27,7 +26,7 @@ impl BenchServer {
         sqlite_sync: pollcast_store::SqliteSync,
     ) -> anyhow::Result<BenchServer> {
         let dir = tempfile::tempdir()?;
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let listener = pollcast::listen(([127, 0, 0, 1], 0).into())?;
         let settings = Settings {
             keys: TokenKeys::new(
                 b"pollcast benchmark secret, loopback only",

@@ -7,7 +7,6 @@ use pollcast::{ApiSettings, Server, Settings};
 use pollcast_domain::{DomainConfig, TokenKeys};
 use pollcast_stream::{EmbeddedStream, EventStream};
 use tempfile::TempDir;
-use tokio::net::TcpListener;
 
 use crate::client::Api;
 use crate::postgres::Cluster;
@@ -105,7 +104,7 @@ impl TestServer {
     }
 
     async fn start_on(database_url: String, dir: Arc<TempDir>, options: Options) -> TestServer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = pollcast::listen(([127, 0, 0, 1], 0).into()).expect("bind");
         let settings = Settings {
             keys: TokenKeys::new(SECRET, Duration::from_secs(24 * 60 * 60)),
             api: Some(ApiSettings {

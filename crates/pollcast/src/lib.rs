@@ -274,6 +274,27 @@ impl Default for HttpTimeouts {
     }
 }
 
+/// The accept queue asked of the kernel, which caps it at `net.core.somaxconn`
+/// (4 096 by default since Linux 5.4). tokio's `TcpListener::bind` asks for
+/// 1 024: when 10 000 clients reconnect at once, the kernel drops the SYNs that
+/// do not fit, and each dropped client waits for its SYN to be sent again (1 s,
+/// then 3, 7, 15 and 31 s after the first). See `docs/operations.md`.
+pub const LISTEN_BACKLOG: u32 = 65_535;
+
+/// Binds the server's listening socket with [`LISTEN_BACKLOG`].
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restarted server may bind while its old
+    // connections linger in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Serves `router` until `stop` turns true, one hyper HTTP/1 connection per
 /// accepted socket (with upgrades, for `/ws`).
 fn serve(
@@ -366,4 +387,37 @@ fn serve(
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The listening socket's accept queue is the one asked for, as far as the
+    /// kernel allows: `ss` shows a listener's queue limit as its Send-Q.
+    #[tokio::test]
+    async fn the_listener_asks_for_a_deep_accept_queue() {
+        let listener = listen(([127, 0, 0, 1], 0).into()).expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let shown = std::process::Command::new("ss")
+            .args(["-ltnH", &format!("sport = :{port}")])
+            .output()
+            .expect("`ss` (iproute2) runs");
+        let shown = String::from_utf8_lossy(&shown.stdout);
+        // State, Recv-Q, Send-Q, local address, peer address.
+        let queue: u32 = shown
+            .split_whitespace()
+            .nth(2)
+            .and_then(|field| field.parse().ok())
+            .unwrap_or_else(|| panic!("no listener in {shown:?}"));
+        let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .expect("somaxconn")
+            .trim()
+            .parse()
+            .expect("a number");
+        assert_eq!(queue, LISTEN_BACKLOG.min(somaxconn));
+        // What tokio's `TcpListener::bind` would have asked for is less, on any
+        // kernel that allows more.
+        assert!(queue > 1024 || somaxconn <= 1024, "queue {queue}");
+    }
 }

@@ -6,7 +6,6 @@ use clap::Parser;
 use pollcast::config::{Command, Config, Role, ServeArgs, StoreArgs};
 use pollcast::{ApiSettings, Server, Settings};
 use pollcast_domain::TokenKeys;
-use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc, not glibc's malloc: the vote path allocates and frees small objects
@@ -58,9 +57,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
         edge
     });
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
+    let listener =
+        pollcast::listen(args.listen).with_context(|| format!("binding {}", args.listen))?;
     let stream = pollcast_stream::connect(&stream_config)
         .await
         .context("connecting to the event stream")?;
