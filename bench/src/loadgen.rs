@@ -595,12 +595,14 @@ async fn main() -> anyhow::Result<()> {
     let server_p99 = before_buckets
         .zip(after_buckets)
         .and_then(|(b, a)| a.since(&b).quantile_ms(0.99));
-    let recoveries: Vec<f64> = seen
+    // Microseconds, sorted, as `pct` takes them.
+    let mut recoveries: Vec<u32> = seen
         .iter()
         .filter_map(|s| s.recovery)
-        .map(|d| d.as_secs_f64() * 1000.0)
+        .map(|d| u32::try_from(d.as_micros()).unwrap_or(u32::MAX))
         .collect();
-    let worst_recovery = recoveries.iter().copied().fold(0.0, f64::max);
+    recoveries.sort_unstable();
+    let worst_recovery = pct(&recoveries, 1.0);
     let unrecovered = seen.iter().filter(|s| s.recovered == Some(false)).count();
 
     if scenario == "ingest" {
@@ -667,8 +669,10 @@ async fn main() -> anyhow::Result<()> {
     );
     if scenario == "reconnect-storm" {
         println!(
-            "  storm: {} reconnected, slowest recovery {:.0} ms, recovered:false {}",
+            "  storm: {} reconnected, recovery p50 {:.0} / p99 {:.0} / slowest {:.0} ms, recovered:false {}",
             recoveries.len(),
+            pct(&recoveries, 0.5),
+            pct(&recoveries, 0.99),
             worst_recovery,
             unrecovered
         );
@@ -699,6 +703,8 @@ async fn main() -> anyhow::Result<()> {
         "loadgen_cpu_us_per_frame": per_frame_us(own_cpu),
         "loadgen_saturated": saturated,
         "storm_recovery_max_ms": (scenario == "reconnect-storm").then_some(worst_recovery),
+        "storm_recovery_p50_ms": (scenario == "reconnect-storm").then(|| pct(&recoveries, 0.5)),
+        "storm_recovery_p99_ms": (scenario == "reconnect-storm").then(|| pct(&recoveries, 0.99)),
         "storm_unrecovered": (scenario == "reconnect-storm").then_some(unrecovered),
         "tally_exact": exact,
     });
