@@ -1091,19 +1091,17 @@ impl NatsPresence {
         self.messages.insert(messages)
     }
 
-    /// Keeps a delivered message's signal in `batch`, or acknowledges and drops
-    /// one that cannot be decoded.
-    async fn take(&mut self, message: jetstream::Message, batch: &mut Vec<PresenceSignal>) {
+    /// Keeps a delivered message's signal in `batch`; the message is
+    /// acknowledged with the batch. One that cannot be decoded is dropped (and
+    /// acknowledged all the same). Nothing here waits, so once a message is
+    /// taken `next_batch` returns without another await point: a caller that
+    /// drops the future cannot lose a signal already taken off the stream.
+    fn take(&mut self, message: jetstream::Message, batch: &mut Vec<PresenceSignal>) {
         match WireFormat::MessagePack.decode::<PresenceSignal>(&message.payload) {
-            Ok(signal) => {
-                batch.push(signal);
-                self.unacked.push(message);
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "undecodable presence signal dropped");
-                let _ = message.ack().await;
-            }
+            Ok(signal) => batch.push(signal),
+            Err(err) => tracing::warn!(error = %err, "undecodable presence signal dropped"),
         }
+        self.unacked.push(message);
     }
 }
 
@@ -1119,7 +1117,7 @@ impl PresenceSignals for NatsPresence {
         // Wait for the first signal...
         while batch.is_empty() {
             match self.messages().await.next().await {
-                Some(Ok(message)) => self.take(message, &mut batch).await,
+                Some(Ok(message)) => self.take(message, &mut batch),
                 Some(Err(err)) => {
                     // Missed heartbeats during an outage and the like: the pull
                     // stream recovers by itself; don't spin meanwhile.
@@ -1131,10 +1129,13 @@ impl PresenceSignals for NatsPresence {
         }
         // ...then take those already delivered behind it, without waiting.
         while batch.len() < max {
-            let Some(Some(Ok(message))) = self.messages().await.next().now_or_never() else {
+            let Some(messages) = self.messages.as_mut() else {
                 break;
             };
-            self.take(message, &mut batch).await;
+            let Some(Some(Ok(message))) = messages.next().now_or_never() else {
+                break;
+            };
+            self.take(message, &mut batch);
         }
         Ok(batch)
     }
