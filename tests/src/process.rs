@@ -56,6 +56,11 @@ impl Pollcast {
         process
     }
 
+    /// The running process's id, to read what the kernel says about it.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Starts the process again with the same flags on the same port (after
     /// [`Pollcast::kill`]), and waits until `/healthz` answers.
     pub async fn start_again(&mut self) {

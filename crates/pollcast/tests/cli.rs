@@ -55,6 +55,24 @@ async fn tokens_survive_a_restart_because_the_secret_is_kept_in_the_data_directo
     assert!(second.terminate().success());
 }
 
+/// Huge pages would make every 2 MiB the allocator touches resident: the server
+/// turns them off for itself, whatever the host's default.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_server_runs_without_transparent_huge_pages() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data_dir = dir.path().display().to_string();
+    let mut server = Pollcast::serve(BIN, &["--data-dir", &data_dir], &[]).await;
+    let pid = server.pid().expect("running");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let thp = status
+        .lines()
+        .find_map(|line| line.strip_prefix("THP_enabled:"))
+        .map(str::trim);
+    assert_eq!(thp, Some("0"), "THP still allowed:\n{status}");
+    assert!(server.terminate().success());
+}
+
 #[test]
 fn migrate_creates_the_database_and_exits() {
     let dir = tempfile::tempdir().expect("temp dir");
