@@ -59,6 +59,7 @@ pub struct PresenceTracker {
     seen: HashMap<Uuid, Seen>,
 }
 
+#[derive(Clone, Copy)]
 struct Seen {
     participant: Uuid,
     at: DateTime<Utc>,
@@ -201,8 +202,9 @@ impl PresenceTracker {
             // Times only move forward: a heartbeat older than what a row holds
             // leaves it as it is, and a closed connection is not touched.
             for chunk in batch.chunks(ROWS_PER_CASE) {
+                let chunk = padded(chunk.to_vec());
                 let mut seen_at = CaseStatement::new();
-                for (id, seen) in chunk {
+                for (id, seen) in &chunk {
                     seen_at = seen_at.case(
                         Condition::all()
                             .add(connection::Column::Id.eq(*id))
@@ -223,8 +225,9 @@ impl PresenceTracker {
                     .await?;
             }
             for chunk in people.chunks(ROWS_PER_CASE) {
+                let chunk = padded(chunk.to_vec());
                 let mut last_seen_at = CaseStatement::new();
-                for (id, at) in chunk {
+                for (id, at) in &chunk {
                     last_seen_at = last_seen_at.case(
                         Condition::all()
                             .add(participant::Column::Id.eq(*id))
@@ -339,6 +342,23 @@ const ROWS_PER_STATEMENT: usize = 512;
 /// 512 rows per statement and 8 µs at 128.
 const ROWS_PER_CASE: usize = 128;
 
+/// `rows` padded to the next power of two with copies of its last row.
+///
+/// Each distinct row count is a distinct SQL text, which the driver prepares and
+/// keeps per connection (sqlx caches 100): batches of every size from 1 to 512
+/// filled SQLite's memory with large statements that were seldom used twice,
+/// 6 MiB at 10 000 connections, and prepared each one anew. Padded, a statement
+/// has at most ten shapes, each prepared once. A repeated row changes nothing
+/// in any statement here: a repeated `IN` member selects nothing more, a
+/// repeated `WHEN` is never reached, and a repeated insert meets its twin's row
+/// and does nothing.
+fn padded<T: Clone>(mut rows: Vec<T>) -> Vec<T> {
+    if let Some(last) = rows.last().cloned() {
+        rows.resize(rows.len().next_power_of_two(), last);
+    }
+    rows
+}
+
 /// Writes opens and closes, in order, in one transaction under their sessions'
 /// locks, with a constant number of statements however many there are: what
 /// the rows say is read first, each change is decided in memory exactly as a
@@ -352,7 +372,9 @@ const ROWS_PER_CASE: usize = 128;
 async fn write_changes(domain: &Domain, changes: &[Change]) -> DomainResult<()> {
     let mut tx = SessionsTx::begin(domain, changes.iter().map(|c| c.session)).await?;
     let mut conns: HashMap<Uuid, Conn> = connection::Entity::find()
-        .filter(connection::Column::Id.is_in(changes.iter().map(|c| c.connection)))
+        .filter(
+            connection::Column::Id.is_in(padded(changes.iter().map(|c| c.connection).collect())),
+        )
         .all(&tx.txn)
         .await?
         .into_iter()
@@ -368,6 +390,7 @@ async fn write_changes(domain: &Domain, changes: &[Change]) -> DomainResult<()> 
         })
         .collect();
     let participants: HashSet<Uuid> = changes.iter().map(|c| c.participant).collect();
+    let participants = padded(participants.into_iter().collect());
     let open: HashMap<Uuid, i64> = connection::Entity::find()
         .select_only()
         .column(connection::Column::ParticipantId)
@@ -469,7 +492,7 @@ async fn write_changes(domain: &Domain, changes: &[Change]) -> DomainResult<()> 
         })
         .collect();
     for chunk in inserts.chunks(ROWS_PER_STATEMENT) {
-        connection::Entity::insert_many(chunk.to_vec())
+        connection::Entity::insert_many(padded(chunk.to_vec()))
             .on_conflict(
                 OnConflict::column(connection::Column::Id)
                     .do_nothing()
@@ -480,8 +503,9 @@ async fn write_changes(domain: &Domain, changes: &[Change]) -> DomainResult<()> 
     }
     let closed: Vec<Uuid> = closed.into_iter().collect();
     for chunk in closed.chunks(ROWS_PER_CASE) {
+        let chunk = padded(chunk.to_vec());
         let mut seen_at = CaseStatement::new();
-        for id in chunk {
+        for id in &chunk {
             if let Some(conn) = conns.get(id) {
                 seen_at = seen_at.case(connection::Column::Id.eq(*id), Expr::value(conn.seen_at));
             }
@@ -500,9 +524,10 @@ async fn write_changes(domain: &Domain, changes: &[Change]) -> DomainResult<()> 
     }
     let changed: Vec<(&Uuid, &Person)> = people.iter().filter(|(_, p)| p.changed).collect();
     for chunk in changed.chunks(ROWS_PER_CASE) {
+        let chunk = padded(chunk.to_vec());
         let mut connected = CaseStatement::new();
         let mut last_seen_at = CaseStatement::new();
-        for (id, person) in chunk {
+        for (id, person) in &chunk {
             connected = connected.case(
                 participant::Column::Id.eq(**id),
                 Expr::value(person.connected),
@@ -734,6 +759,20 @@ mod tests {
         };
         assert_eq!(last_seen(ada).await, at(9));
         assert_eq!(last_seen(bob).await, opened);
+    }
+
+    /// Padding keeps the rows and their order, adds only copies of the last,
+    /// and leaves one shape per power of two.
+    #[test]
+    fn padding_repeats_the_last_row_up_to_a_power_of_two() {
+        assert!(padded(Vec::<u8>::new()).is_empty());
+        assert_eq!(padded(vec![1]), [1]);
+        assert_eq!(padded(vec![1, 2, 3]), [1, 2, 3, 3]);
+        assert_eq!(padded(vec![1, 2, 3, 4]), [1, 2, 3, 4]);
+        let shapes: HashSet<usize> = (1..=ROWS_PER_STATEMENT)
+            .map(|n| padded(vec![0; n]).len())
+            .collect();
+        assert_eq!(shapes.len(), 10, "1, 2, 4 … 512: {shapes:?}");
     }
 
     /// A batch larger than one statement's rows is written whole: every chunk
