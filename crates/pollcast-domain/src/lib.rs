@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use pollcast_stream::EventStream;
 use sea_orm::DatabaseConnection;
-use tokio::sync::Notify;
 
 mod access;
 mod batcher;
@@ -104,8 +103,8 @@ struct Inner {
     stream: Arc<dyn EventStream>,
     keys: TokenKeys,
     config: DomainConfig,
-    /// Wakes the relay after a commit that wrote events.
-    relay_wake: Arc<Notify>,
+    /// Takes committed events to the relay.
+    handoff: Arc<relay::Handoff>,
     /// Polls with a `results:updated` scheduled.
     results: results::Coalescer,
     /// Each session's vote batch task.
@@ -132,7 +131,7 @@ impl Domain {
                 votes: vote_batch::VoteBatches::default(),
                 active_polls: votes::ActivePolls::default(),
                 config,
-                relay_wake: Arc::new(Notify::new()),
+                handoff: Arc::default(),
             }),
         }
     }
@@ -142,7 +141,7 @@ impl Domain {
         relay::Relay::new(
             self.inner.db.clone(),
             Arc::clone(&self.inner.stream),
-            Arc::clone(&self.inner.relay_wake),
+            Arc::clone(&self.inner.handoff),
         )
     }
 

@@ -1,14 +1,20 @@
 //! The outbox relay: publishes committed events to the stream, in each session's
 //! position order, and marks them published once the stream has them.
 //!
-//! It wakes at once after every commit that wrote events, and every
-//! [`SWEEP_INTERVAL`] regardless, so events left pending by a crash, by a stream
-//! outage or by another node are published too. Publishing is at least once (a
-//! crash between publish and mark repeats it); the stream ignores positions it
-//! already holds, which makes the log exactly once.
+//! A commit hands its events to the relay in memory ([`Handoff`]) and wakes it;
+//! the relay publishes those at once, without reading them back from the outbox,
+//! and marks what it published at most every [`MARK_INTERVAL`], one statement for
+//! all sessions, instead of a commit of its own after every batch. The outbox
+//! stays the record: every [`SWEEP_INTERVAL`], after a failure, when the hand-off
+//! overflowed or when the stream refused a handed event as out of order, the
+//! relay reads what is pending from the outbox instead, so events left by a
+//! crash, by a stream outage or by another node are published too. Publishing is
+//! at least once (a crash between publish and mark repeats it; so does an event
+//! both handed over and read by a sweep); the stream ignores positions it already
+//! holds, which makes the log exactly once.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use pollcast_protocol::{DomainEvent, SessionEvent, Timestamp};
@@ -20,6 +26,7 @@ use sea_orm::{
     QueryOrder, QuerySelect,
 };
 use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::{DomainError, DomainResult};
@@ -29,56 +36,235 @@ const MARK_PER_STATEMENT: usize = 256;
 
 /// Pending events read per round trip.
 const BATCH: u64 = 512;
-/// How often the relay looks for pending events without being woken.
+/// How often the relay reads the outbox for pending events, however busy the
+/// hand-off keeps it.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest time events published from the hand-off stay unmarked. A mark is a
+/// write transaction (an `fsync` under SQLite's `synchronous=FULL`); one after
+/// every vote batch cost as much as the batch's own commit. What a crash leaves
+/// unmarked is published again after the restart and ignored by the stream.
+pub const MARK_INTERVAL: Duration = Duration::from_millis(100);
 /// Longest wait between retries while the stream or database is failing.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Events the hand-off holds for a relay that is not keeping up (or not running,
+/// as in a process that only serves reads). Past it, commits stop handing over
+/// and the relay's next pass reads the outbox, where every event is anyway.
+const HANDOFF_CAPACITY: usize = 65_536;
+
+/// Committed events on their way to the relay, in memory: a shortcut past the
+/// outbox, which still holds every one of them.
+pub(crate) struct Handoff {
+    queue: Mutex<Queue>,
+    wake: Notify,
+    capacity: usize,
+}
+
+impl Default for Handoff {
+    fn default() -> Self {
+        Self::with_capacity(HANDOFF_CAPACITY)
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    events: Vec<SessionEvent>,
+    /// Something committed was not handed over: the next pass must read the
+    /// outbox.
+    overflowed: bool,
+}
+
+impl Handoff {
+    fn with_capacity(capacity: usize) -> Self {
+        Self {
+            queue: Mutex::default(),
+            wake: Notify::new(),
+            capacity,
+        }
+    }
+
+    /// Hands over `events` of `session_id`, just committed at positions
+    /// `first..` with time `at`, and wakes the relay. Call it after the commit:
+    /// the relay may publish them at once.
+    pub(crate) fn push(
+        &self,
+        session_id: Uuid,
+        first: i64,
+        at: Timestamp,
+        events: impl IntoIterator<Item = DomainEvent>,
+    ) {
+        {
+            let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            for (position, event) in (first..).zip(events) {
+                match u64::try_from(position) {
+                    Ok(position) if queue.events.len() < self.capacity => {
+                        queue.events.push(SessionEvent {
+                            session_id,
+                            position,
+                            timestamp: at,
+                            event,
+                        });
+                    }
+                    // The outbox has it; the sweep reports what is wrong with it.
+                    _ => queue.overflowed = true,
+                }
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    /// Takes what is handed over: the events, and whether any were not.
+    fn take(&self) -> (Vec<SessionEvent>, bool) {
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        let overflowed = std::mem::take(&mut queue.overflowed);
+        (std::mem::take(&mut queue.events), overflowed)
+    }
+}
 
 /// Publishes the outbox to the event stream.
 pub struct Relay {
     db: DatabaseConnection,
     stream: Arc<dyn EventStream>,
-    wake: Arc<Notify>,
+    handoff: Arc<Handoff>,
+    /// Per session, the positions published from the hand-off and not yet marked.
+    /// A range is whole in the stream: it refuses a gap, so every position
+    /// between two it accepted is there too.
+    unmarked: HashMap<Uuid, (i64, i64)>,
 }
 
 impl Relay {
     pub(crate) fn new(
         db: DatabaseConnection,
         stream: Arc<dyn EventStream>,
-        wake: Arc<Notify>,
+        handoff: Arc<Handoff>,
     ) -> Self {
-        Self { db, stream, wake }
+        Self {
+            db,
+            stream,
+            handoff,
+            unmarked: HashMap::new(),
+        }
     }
 
     /// Runs until `shutdown` turns true, then publishes what is pending once more
     /// and returns.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(50);
+        // A sweep first: whatever a previous run left pending.
+        let mut sweep_at = Instant::now();
+        let mut mark_at = Instant::now() + MARK_INTERVAL;
         loop {
-            let wait = match self.publish_pending().await {
-                Ok(_) => {
+            let now = Instant::now();
+            let pass = if now >= sweep_at {
+                sweep_at = now + SWEEP_INTERVAL;
+                self.sweep().await.map(|_| Handed::Done)
+            } else {
+                self.publish_handed().await
+            };
+            let wait_until = match pass {
+                Ok(Handed::Done) => {
                     backoff = Duration::from_millis(50);
-                    SWEEP_INTERVAL
+                    sweep_at
+                }
+                Ok(Handed::NeedsSweep) => {
+                    sweep_at = now;
+                    now
                 }
                 Err(err) => {
                     tracing::warn!(error = %err, retry_in = ?backoff, "outbox relay failed");
-                    let wait = backoff;
+                    // The retry reads the outbox: what failed is there.
+                    sweep_at = now + backoff;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
-                    wait
+                    sweep_at
                 }
             };
+            if Instant::now() >= mark_at || self.unmarked.len() >= MARK_PER_STATEMENT {
+                mark_at = Instant::now() + MARK_INTERVAL;
+                if let Err(err) = self.flush_marks().await {
+                    tracing::warn!(error = %err, "cannot mark published events");
+                }
+            }
             if *shutdown.borrow() {
                 break;
             }
+            // Published but unmarked events are marked by the next pass at the
+            // latest MARK_INTERVAL from now (a sweep marks first).
+            let wait_until = if self.unmarked.is_empty() {
+                wait_until
+            } else {
+                wait_until.min(mark_at)
+            };
             tokio::select! {
-                () = self.wake.notified() => {}
-                () = tokio::time::sleep(wait) => {}
+                () = self.handoff.wake.notified() => {}
+                () = tokio::time::sleep_until(wait_until) => {}
                 _ = shutdown.changed() => {}
             }
         }
-        if let Err(err) = self.publish_pending().await {
+        if let Err(err) = self.sweep().await {
             tracing::warn!(error = %err, "events left pending at shutdown");
         }
+    }
+
+    /// Publishes what commits handed over, in each session's position order, and
+    /// notes what the stream took for the next mark. Asks for a sweep when
+    /// something was not handed over or the stream refused an event as out of
+    /// order (an earlier position's commit has not handed it over yet, or another
+    /// node has not published it): the outbox has what is missing.
+    async fn publish_handed(&mut self) -> DomainResult<Handed> {
+        let (mut events, overflowed) = self.handoff.take();
+        if overflowed {
+            return Ok(Handed::NeedsSweep);
+        }
+        // Commits of one session hand over in any order; their positions do not.
+        events.sort_by_key(|event| (event.session_id, event.position));
+        let mut blocked: Vec<Uuid> = Vec::new();
+        for event in events {
+            if blocked.contains(&event.session_id) {
+                continue;
+            }
+            let (session_id, position, at) = (event.session_id, event.position, event.timestamp);
+            match self.stream.publish(event).await {
+                Ok(_) => {
+                    record_publish_lag(at);
+                    let position = i64::try_from(position).unwrap_or(i64::MAX);
+                    self.unmarked
+                        .entry(session_id)
+                        .and_modify(|range| {
+                            range.0 = range.0.min(position);
+                            range.1 = range.1.max(position);
+                        })
+                        .or_insert((position, position));
+                }
+                Err(StreamError::OutOfOrder { expected, got, .. }) => {
+                    tracing::debug!(session = %session_id, expected, got, "handed event ahead of the stream");
+                    blocked.push(session_id);
+                }
+                Err(err) => return Err(DomainError::Internal(format!("event stream: {err}"))),
+            }
+        }
+        Ok(if blocked.is_empty() {
+            Handed::Done
+        } else {
+            Handed::NeedsSweep
+        })
+    }
+
+    /// Marks what the hand-off published, then publishes what is pending in the
+    /// outbox. What was handed over until now is dropped: it is committed, so
+    /// the outbox read that follows sees it.
+    async fn sweep(&mut self) -> DomainResult<usize> {
+        drop(self.handoff.take());
+        self.flush_marks().await?;
+        self.publish_pending().await
+    }
+
+    /// Marks the ranges the hand-off published.
+    async fn flush_marks(&mut self) -> DomainResult<()> {
+        if self.unmarked.is_empty() {
+            return Ok(());
+        }
+        self.mark_published(&self.unmarked).await?;
+        self.unmarked.clear();
+        Ok(())
     }
 
     /// Publishes the already published events of the last `window` again, oldest
@@ -184,9 +370,7 @@ impl Relay {
             };
             match self.stream.publish(event).await {
                 Ok(_) => {
-                    let lag = Timestamp::now().unix_millis() - row.occurred_at.timestamp_millis();
-                    metrics::histogram!("pollcast_event_publish_seconds")
-                        .record(lag.max(0) as f64 / 1000.0);
+                    record_publish_lag(row.occurred_at.into());
                     published
                         .entry(row.session_id)
                         .and_modify(|range| range.1 = row.position)
@@ -236,6 +420,19 @@ impl Relay {
     }
 }
 
+/// What [`Relay::publish_handed`] leaves to do.
+enum Handed {
+    Done,
+    /// Read the outbox now: something it holds was not published.
+    NeedsSweep,
+}
+
+/// Records commit → stream acknowledgement for an event committed at `at`.
+fn record_publish_lag(at: Timestamp) {
+    let lag = Timestamp::now().unix_millis() - at.unix_millis();
+    metrics::histogram!("pollcast_event_publish_seconds").record(lag.max(0) as f64 / 1000.0);
+}
+
 fn decode(row: &outbox::Model) -> DomainResult<SessionEvent> {
     let event: DomainEvent = serde_json::from_str(&row.payload)?;
     Ok(SessionEvent {
@@ -245,4 +442,142 @@ fn decode(row: &outbox::Model) -> DomainResult<SessionEvent> {
         timestamp: row.occurred_at.into(),
         event,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{domain, outbox_of};
+    use pollcast_stream::EmbeddedStream;
+
+    /// A relay over the domain's database, publishing to a stream of its own, fed
+    /// by `handoff`.
+    fn relay(domain: &crate::Domain, handoff: Arc<Handoff>) -> (Relay, Arc<EmbeddedStream>) {
+        let stream = Arc::new(EmbeddedStream::default());
+        let relay = Relay::new(domain.db().clone(), stream.clone(), handoff);
+        (relay, stream)
+    }
+
+    /// Three events of a new session (created, started, a poll), taken out of the
+    /// domain's hand-off: (session, events).
+    async fn three_events(domain: &crate::Domain) -> (Uuid, Vec<SessionEvent>) {
+        let created = domain.create_session(None, "Relay").await.expect("session");
+        let presenter = domain
+            .verify_token(&created.presenter_token)
+            .expect("claims");
+        let session = created.session.id;
+        domain
+            .start_session(&presenter, session)
+            .await
+            .expect("start");
+        domain.end_session(&presenter, session).await.expect("end");
+        let (events, overflowed) = domain.inner.handoff.take();
+        assert!(!overflowed);
+        assert_eq!(
+            events.iter().map(|e| e.position).collect::<Vec<_>>(),
+            vec![1, 2, 3],
+            "every commit hands its events over"
+        );
+        (session, events)
+    }
+
+    async fn in_stream(stream: &EmbeddedStream, session: Uuid) -> Vec<u64> {
+        stream
+            .read_after(session, 0, 100)
+            .await
+            .expect("read")
+            .events
+            .iter()
+            .map(|e| e.position)
+            .collect()
+    }
+
+    async fn unmarked_rows(domain: &crate::Domain, session: Uuid) -> usize {
+        outbox::Entity::find()
+            .filter(outbox::Column::SessionId.eq(session))
+            .filter(outbox::Column::PublishedAt.is_null())
+            .count(domain.db())
+            .await
+            .expect("count") as usize
+    }
+
+    #[tokio::test]
+    async fn handed_events_are_published_from_memory_and_marked_later() {
+        let domain = domain().await;
+        let (session, events) = three_events(&domain).await;
+        let handoff = Arc::new(Handoff::default());
+        let (mut relay, stream) = relay(&domain, handoff.clone());
+        // Each commit hands over on its own, and not always in position order.
+        for event in events.into_iter().rev() {
+            handoff.push(
+                session,
+                event.position as i64,
+                event.timestamp,
+                [event.event],
+            );
+        }
+        // Spoilt in the outbox: only the hand-off can publish them now.
+        outbox::Entity::update_many()
+            .col_expr(outbox::Column::Payload, Expr::value("not an event"))
+            .filter(outbox::Column::SessionId.eq(session))
+            .exec(domain.db())
+            .await
+            .expect("spoil the outbox");
+        assert!(matches!(relay.publish_handed().await, Ok(Handed::Done)));
+        assert_eq!(in_stream(&stream, session).await, vec![1, 2, 3]);
+        assert_eq!(unmarked_rows(&domain, session).await, 3, "not marked yet");
+        relay.flush_marks().await.expect("mark");
+        assert_eq!(unmarked_rows(&domain, session).await, 0);
+        assert!(relay.unmarked.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_gap_in_what_is_handed_over_is_filled_from_the_outbox() {
+        let domain = domain().await;
+        let (session, events) = three_events(&domain).await;
+        let handoff = Arc::new(Handoff::default());
+        let (mut relay, stream) = relay(&domain, handoff.clone());
+        // Position 2's commit has not handed it over yet.
+        for event in events.into_iter().filter(|e| e.position != 2) {
+            handoff.push(
+                session,
+                event.position as i64,
+                event.timestamp,
+                [event.event],
+            );
+        }
+        assert!(matches!(
+            relay.publish_handed().await,
+            Ok(Handed::NeedsSweep)
+        ));
+        assert_eq!(in_stream(&stream, session).await, vec![1]);
+        // The sweep publishes 2 and 3 (1 again, which the stream ignores).
+        relay.sweep().await.expect("sweep");
+        assert_eq!(in_stream(&stream, session).await, vec![1, 2, 3]);
+        assert_eq!(unmarked_rows(&domain, session).await, 0);
+        assert_eq!(outbox_of(&domain, session).await.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_full_hand_off_sends_the_relay_to_the_outbox() {
+        let domain = domain().await;
+        let (session, events) = three_events(&domain).await;
+        let handoff = Arc::new(Handoff::with_capacity(2));
+        let (mut relay, stream) = relay(&domain, handoff.clone());
+        for event in events {
+            handoff.push(
+                session,
+                event.position as i64,
+                event.timestamp,
+                [event.event],
+            );
+        }
+        assert!(matches!(
+            relay.publish_handed().await,
+            Ok(Handed::NeedsSweep)
+        ));
+        assert_eq!(handoff.take().0.len(), 0, "the pass took what was held");
+        relay.sweep().await.expect("sweep");
+        assert_eq!(in_stream(&stream, session).await, vec![1, 2, 3]);
+    }
 }

@@ -76,9 +76,9 @@ impl Domain {
         let event = DomainEvent::SessionCreated {
             session: session.clone(),
         };
-        insert_outbox(&txn, session.id, 1, now, &[event]).await?;
+        insert_outbox(&txn, session.id, 1, now, std::slice::from_ref(&event)).await?;
         txn.commit().await?;
-        self.inner.relay_wake.notify_one();
+        self.inner.handoff.push(session.id, 1, now, [event]);
         Ok(Some(session))
     }
 

@@ -67,7 +67,7 @@ impl SessionTx {
         self.events.push(event);
     }
 
-    /// Writes the events to the outbox, commits, and wakes the relay.
+    /// Writes the events to the outbox, commits, and hands them to the relay.
     pub async fn commit(self, domain: &Domain) -> DomainResult<()> {
         let SessionTx {
             txn,
@@ -75,8 +75,8 @@ impl SessionTx {
             now,
             events,
         } = self;
+        let first = session.last_position + 1;
         if !events.is_empty() {
-            let first = session.last_position + 1;
             let last = session.last_position + events.len() as i64;
             session::Entity::update_many()
                 .col_expr(session::Column::LastPosition, Expr::value(last))
@@ -87,7 +87,7 @@ impl SessionTx {
         }
         txn.commit().await?;
         if !events.is_empty() {
-            domain.inner.relay_wake.notify_one();
+            domain.inner.handoff.push(session.id, first, now, events);
         }
         Ok(())
     }
@@ -196,7 +196,8 @@ impl SessionsTx {
         self.events.entry(session_id).or_default().push(event);
     }
 
-    /// Writes every session's events to the outbox, commits, and wakes the relay.
+    /// Writes every session's events to the outbox, commits, and hands them to
+    /// the relay.
     pub async fn commit(self, domain: &Domain) -> DomainResult<()> {
         let SessionsTx {
             txn,
@@ -235,8 +236,14 @@ impl SessionsTx {
             }
         }
         txn.commit().await?;
-        if !events.is_empty() {
-            domain.inner.relay_wake.notify_one();
+        for (session_id, events) in events {
+            // Every session with events is locked (checked above).
+            if let Some(session) = sessions.get(&session_id) {
+                domain
+                    .inner
+                    .handoff
+                    .push(session_id, session.last_position + 1, now, events);
+            }
         }
         Ok(())
     }
