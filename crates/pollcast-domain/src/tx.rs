@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use sea_orm::sea_query::{CaseStatement, Expr, ExprTrait};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait,
-    QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+    QueryFilter, QueryOrder, QuerySelect, QueryTrait, Statement, TransactionTrait, Values,
 };
 use uuid::Uuid;
 
@@ -78,12 +78,16 @@ impl SessionTx {
         let first = session.last_position + 1;
         if !events.is_empty() {
             let last = session.last_position + events.len() as i64;
-            session::Entity::update_many()
-                .col_expr(session::Column::LastPosition, Expr::value(last))
-                .filter(session::Column::Id.eq(session.id))
-                .exec(&txn)
-                .await?;
-            insert_outbox(&txn, session.id, first, now, &events).await?;
+            let mut writes = Writes::new(&txn);
+            writes.push(
+                &session::Entity::update_many()
+                    .col_expr(session::Column::LastPosition, Expr::value(last))
+                    .filter(session::Column::Id.eq(session.id)),
+            );
+            let mut rows = Vec::with_capacity(events.len());
+            outbox_rows(&mut rows, session.id, first, now, &events)?;
+            writes.push(&outbox::Entity::insert_many(rows));
+            writes.run(&txn).await?;
         }
         txn.commit().await?;
         if !events.is_empty() {
@@ -155,6 +159,8 @@ pub(crate) struct SessionsTx {
     /// When this change happens; every event of it carries this time.
     pub now: Timestamp,
     events: BTreeMap<Uuid, Vec<DomainEvent>>,
+    /// Writes held back until the commit, to go with its own.
+    writes: Writes,
 }
 
 impl SessionsTx {
@@ -183,6 +189,7 @@ impl SessionsTx {
                 .await?
         };
         Ok(Self {
+            writes: Writes::new(&txn),
             txn,
             sessions: rows.into_iter().map(|row| (row.id, row)).collect(),
             now: Timestamp::now(),
@@ -196,6 +203,13 @@ impl SessionsTx {
         self.events.entry(session_id).or_default().push(event);
     }
 
+    /// Holds back a write until the commit, which sends it with the commit's own
+    /// (see [`Writes`]). Nothing this transaction reads sees it before then, and
+    /// an error it causes is the commit's.
+    pub fn write_at_commit(&mut self, query: &impl QueryTrait) {
+        self.writes.push(query);
+    }
+
     /// Writes every session's events to the outbox, commits, and hands them to
     /// the relay.
     pub async fn commit(self, domain: &Domain) -> DomainResult<()> {
@@ -204,6 +218,7 @@ impl SessionsTx {
             sessions,
             now,
             events,
+            mut writes,
         } = self;
         if !events.is_empty() {
             let mut rows = Vec::new();
@@ -219,22 +234,21 @@ impl SessionsTx {
                 );
                 outbox_rows(&mut rows, *session_id, first, now, events)?;
             }
-            session::Entity::update_many()
-                .col_expr(
-                    session::Column::LastPosition,
-                    last_positions
-                        .finally(Expr::col(session::Column::LastPosition))
-                        .into(),
-                )
-                .filter(session::Column::Id.is_in(events.keys().copied()))
-                .exec(&txn)
-                .await?;
+            writes.push(
+                &session::Entity::update_many()
+                    .col_expr(
+                        session::Column::LastPosition,
+                        last_positions
+                            .finally(Expr::col(session::Column::LastPosition))
+                            .into(),
+                    )
+                    .filter(session::Column::Id.is_in(events.keys().copied())),
+            );
             for chunk in rows.chunks(OUTBOX_ROWS_PER_INSERT) {
-                outbox::Entity::insert_many(chunk.to_vec())
-                    .exec(&txn)
-                    .await?;
+                writes.push(&outbox::Entity::insert_many(chunk.to_vec()));
             }
         }
+        writes.run(&txn).await?;
         txn.commit().await?;
         for (session_id, events) in events {
             // Every session with events is locked (checked above).
@@ -246,5 +260,132 @@ impl SessionsTx {
             }
         }
         Ok(())
+    }
+}
+
+/// Write statements sent to the database together. SQLite takes them as one
+/// command: sqlx runs a SQLite connection on a thread of its own, and each
+/// command is a round trip to it and back (two thread wake-ups, 20–40 µs here),
+/// which cost a vote batch more than its SQL did. sqlx binds the values of a
+/// multi-statement command in order, statement after statement, and stops at the
+/// first error. PostgreSQL's extended protocol takes one statement with values
+/// per query, so there they are sent one after another.
+pub(crate) struct Writes {
+    backend: DbBackend,
+    statements: Vec<Statement>,
+}
+
+impl Writes {
+    /// No writes yet, for statements to run in `txn`.
+    pub fn new(txn: &DatabaseTransaction) -> Self {
+        Self {
+            backend: txn.get_database_backend(),
+            statements: Vec::new(),
+        }
+    }
+
+    /// Adds a statement; they run in the order added.
+    pub fn push(&mut self, query: &impl QueryTrait) {
+        self.statements.push(query.build(self.backend));
+    }
+
+    /// Runs every statement in `txn`.
+    pub async fn run(self, txn: &DatabaseTransaction) -> DomainResult<()> {
+        if self.backend != DbBackend::Sqlite || self.statements.len() < 2 {
+            for statement in self.statements {
+                txn.execute_raw(statement).await?;
+            }
+            return Ok(());
+        }
+        let mut sql = String::new();
+        let mut values = Vec::new();
+        for statement in self.statements {
+            sql.push_str(&statement.sql);
+            sql.push_str(";\n");
+            values.extend(statement.values.map(|v| v.0).unwrap_or_default());
+        }
+        txn.execute_raw(Statement {
+            sql,
+            values: Some(Values(values)),
+            db_backend: DbBackend::Sqlite,
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::domain;
+
+    async fn poll_count(domain: &Domain, session_id: Uuid) -> i64 {
+        session::Entity::find_by_id(session_id)
+            .one(domain.db())
+            .await
+            .expect("read")
+            .expect("session")
+            .poll_count
+    }
+
+    fn set_poll_count(
+        session_id: Uuid,
+        times: i64,
+        plus: i64,
+    ) -> sea_orm::UpdateMany<session::Entity> {
+        session::Entity::update_many()
+            .col_expr(
+                session::Column::PollCount,
+                Expr::col(session::Column::PollCount).mul(times).add(plus),
+            )
+            .filter(session::Column::Id.eq(session_id))
+    }
+
+    #[tokio::test]
+    async fn writes_run_in_order_each_with_its_own_values() {
+        let domain = domain().await;
+        let session = domain
+            .create_session(None, "Writes")
+            .await
+            .expect("session")
+            .session
+            .id;
+        let txn = domain.db().begin().await.expect("begin");
+        let mut writes = Writes::new(&txn);
+        writes.push(&set_poll_count(session, 0, 2));
+        writes.push(&set_poll_count(session, 10, 3));
+        writes.push(&set_poll_count(session, 10, 4));
+        writes.run(&txn).await.expect("writes");
+        txn.commit().await.expect("commit");
+        assert_eq!(poll_count(&domain, session).await, 234);
+    }
+
+    #[tokio::test]
+    async fn a_failing_write_fails_the_run_and_its_transaction_changes_nothing() {
+        let domain = domain().await;
+        let created = domain
+            .create_session(None, "Writes")
+            .await
+            .expect("session")
+            .session;
+        let session = created.id;
+        let txn = domain.db().begin().await.expect("begin");
+        let mut writes = Writes::new(&txn);
+        writes.push(&set_poll_count(session, 0, 7));
+        // Position 1 is the session's `session:created`: a duplicate key.
+        let mut rows = Vec::new();
+        outbox_rows(
+            &mut rows,
+            session,
+            1,
+            Timestamp::now(),
+            &[DomainEvent::SessionCreated { session: created }],
+        )
+        .expect("rows");
+        writes.push(&outbox::Entity::insert_many(rows));
+        writes.push(&set_poll_count(session, 10, 1));
+        assert!(writes.run(&txn).await.is_err());
+        txn.rollback().await.expect("rollback");
+        assert_eq!(poll_count(&domain, session).await, 0);
     }
 }

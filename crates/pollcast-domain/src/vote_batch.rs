@@ -280,7 +280,7 @@ impl Domain {
             }
             outcomes.push(answer.into_result());
         }
-        rows.write(&tx.txn).await?;
+        rows.write(&mut tx);
         // Each session's participants, for how widely its results fan out.
         let audiences: HashMap<Uuid, u64> = tx
             .sessions
@@ -353,25 +353,20 @@ impl Rows {
     }
 
     /// Writes everything gathered, a few statements per table, and adds the
-    /// batch's votes to the kept tallies. Votes first: choices refer to them.
-    async fn write(self, txn: &DatabaseTransaction) -> DomainResult<()> {
+    /// batch's votes to the kept tallies; they go with the commit. Votes first:
+    /// choices refer to them.
+    fn write(self, tx: &mut SessionsTx) {
         for chunk in self.votes.chunks(ROWS_PER_INSERT) {
-            vote::Entity::insert_many(chunk.to_vec())
-                .exec_without_returning(txn)
-                .await?;
+            tx.write_at_commit(&vote::Entity::insert_many(chunk.to_vec()));
         }
         for chunk in self.choices.chunks(ROWS_PER_INSERT) {
-            vote_choice::Entity::insert_many(chunk.to_vec())
-                .exec_without_returning(txn)
-                .await?;
+            tx.write_at_commit(&vote_choice::Entity::insert_many(chunk.to_vec()));
         }
         for chunk in self.keys.chunks(ROWS_PER_INSERT) {
-            idempotency_key::Entity::insert_many(chunk.to_vec())
-                .exec_without_returning(txn)
-                .await?;
+            tx.write_at_commit(&idempotency_key::Entity::insert_many(chunk.to_vec()));
         }
         if self.tallies.is_empty() {
-            return Ok(());
+            return;
         }
         // Increments: the batch never needs to read the tallies it adds to. One
         // statement for every poll's total...
@@ -380,14 +375,14 @@ impl Rows {
             added = added.case(poll::Column::Id.eq(*poll_id), Expr::value(*total));
         }
         let added: Expr = added.finally(Expr::value(0i64)).into();
-        poll::Entity::update_many()
-            .col_expr(
-                poll::Column::TotalVotes,
-                Expr::col(poll::Column::TotalVotes).add(added),
-            )
-            .filter(poll::Column::Id.is_in(self.tallies.keys().copied()))
-            .exec(txn)
-            .await?;
+        tx.write_at_commit(
+            &poll::Entity::update_many()
+                .col_expr(
+                    poll::Column::TotalVotes,
+                    Expr::col(poll::Column::TotalVotes).add(added),
+                )
+                .filter(poll::Column::Id.is_in(self.tallies.keys().copied())),
+        );
         // ...and one for every option's: its first votes insert its row, later
         // ones add to it.
         let options: Vec<option_tally::ActiveModel> = self
@@ -404,8 +399,8 @@ impl Rows {
             })
             .collect();
         for chunk in options.chunks(ROWS_PER_INSERT) {
-            option_tally::Entity::insert_many(chunk.to_vec())
-                .on_conflict(
+            tx.write_at_commit(
+                &option_tally::Entity::insert_many(chunk.to_vec()).on_conflict(
                     OnConflict::columns([
                         option_tally::Column::PollId,
                         option_tally::Column::OptionId,
@@ -417,11 +412,9 @@ impl Rows {
                         ),
                     )
                     .to_owned(),
-                )
-                .exec_without_returning(txn)
-                .await?;
+                ),
+            );
         }
-        Ok(())
     }
 }
 
