@@ -481,6 +481,14 @@ mod tests {
         (session, events)
     }
 
+    /// Hands each event over on its own, as its commit would.
+    fn hand_over(handoff: &Handoff, events: impl IntoIterator<Item = SessionEvent>) {
+        for event in events {
+            let position = i64::try_from(event.position).expect("position");
+            handoff.push(event.session_id, position, event.timestamp, [event.event]);
+        }
+    }
+
     async fn in_stream(stream: &EmbeddedStream, session: Uuid) -> Vec<u64> {
         stream
             .read_after(session, 0, 100)
@@ -508,14 +516,7 @@ mod tests {
         let handoff = Arc::new(Handoff::default());
         let (mut relay, stream) = relay(&domain, handoff.clone());
         // Each commit hands over on its own, and not always in position order.
-        for event in events.into_iter().rev() {
-            handoff.push(
-                session,
-                event.position as i64,
-                event.timestamp,
-                [event.event],
-            );
-        }
+        hand_over(&handoff, events.into_iter().rev());
         // Spoilt in the outbox: only the hand-off can publish them now.
         outbox::Entity::update_many()
             .col_expr(outbox::Column::Payload, Expr::value("not an event"))
@@ -538,14 +539,7 @@ mod tests {
         let handoff = Arc::new(Handoff::default());
         let (mut relay, stream) = relay(&domain, handoff.clone());
         // Position 2's commit has not handed it over yet.
-        for event in events.into_iter().filter(|e| e.position != 2) {
-            handoff.push(
-                session,
-                event.position as i64,
-                event.timestamp,
-                [event.event],
-            );
-        }
+        hand_over(&handoff, events.into_iter().filter(|e| e.position != 2));
         assert!(matches!(
             relay.publish_handed().await,
             Ok(Handed::NeedsSweep)
@@ -564,14 +558,7 @@ mod tests {
         let (session, events) = three_events(&domain).await;
         let handoff = Arc::new(Handoff::with_capacity(2));
         let (mut relay, stream) = relay(&domain, handoff.clone());
-        for event in events {
-            handoff.push(
-                session,
-                event.position as i64,
-                event.timestamp,
-                [event.event],
-            );
-        }
+        hand_over(&handoff, events);
         assert!(matches!(
             relay.publish_handed().await,
             Ok(Handed::NeedsSweep)
