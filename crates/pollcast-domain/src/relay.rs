@@ -46,6 +46,9 @@ pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 pub const MARK_INTERVAL: Duration = Duration::from_millis(100);
 /// Longest wait between retries while the stream or database is failing.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Sessions whose newest position in the stream the relay remembers (about 50
+/// bytes each).
+const KNOWN_SESSIONS: usize = 16_384;
 /// Events the hand-off holds for a relay that is not keeping up (or not running,
 /// as in a process that only serves reads). Past it, commits stop handing over
 /// and the relay's next pass reads the outbox, where every event is anyway.
@@ -129,6 +132,13 @@ pub struct Relay {
     /// A range is whole in the stream: it refuses a gap, so every position
     /// between two it accepted is there too.
     unmarked: HashMap<Uuid, (i64, i64)>,
+    /// Per session, the newest position this relay saw the stream take. A
+    /// handed event is published only after its predecessor (or as a session's
+    /// first, position 1): both engines accept any position as the first of a
+    /// session they hold nothing of, so an event handed over while earlier ones
+    /// wait in the outbox (a stream outage, a full hand-off) would otherwise
+    /// start the session's log past them, and they would never get in.
+    known: HashMap<Uuid, u64>,
 }
 
 impl Relay {
@@ -142,6 +152,7 @@ impl Relay {
             stream,
             handoff,
             unmarked: HashMap::new(),
+            known: HashMap::new(),
         }
     }
 
@@ -206,9 +217,10 @@ impl Relay {
 
     /// Publishes what commits handed over, in each session's position order, and
     /// notes what the stream took for the next mark. Asks for a sweep when
-    /// something was not handed over or the stream refused an event as out of
-    /// order (an earlier position's commit has not handed it over yet, or another
-    /// node has not published it): the outbox has what is missing.
+    /// something was not handed over, when an event does not follow what this
+    /// relay knows the stream holds (an earlier position failed to publish, was
+    /// not handed over yet, or was published by another node), or when the
+    /// stream refused one as out of order: the outbox has what is missing.
     async fn publish_handed(&mut self) -> DomainResult<Handed> {
         let (mut events, overflowed) = self.handoff.take();
         if overflowed {
@@ -222,9 +234,15 @@ impl Relay {
                 continue;
             }
             let (session_id, position, at) = (event.session_id, event.position, event.timestamp);
+            let follows = position == 1 || self.known.get(&session_id) == Some(&(position - 1));
+            if !follows {
+                blocked.push(session_id);
+                continue;
+            }
             match self.stream.publish(event).await {
                 Ok(_) => {
                     record_publish_lag(at);
+                    self.note_in_stream(session_id, position);
                     let position = i64::try_from(position).unwrap_or(i64::MAX);
                     self.unmarked
                         .entry(session_id)
@@ -255,6 +273,15 @@ impl Relay {
         drop(self.handoff.take());
         self.flush_marks().await?;
         self.publish_pending().await
+    }
+
+    /// Notes that the stream holds `session_id` up to `position`. The map is
+    /// bounded: emptied when full, which costs each active session one sweep.
+    fn note_in_stream(&mut self, session_id: Uuid, position: u64) {
+        if self.known.len() >= KNOWN_SESSIONS && !self.known.contains_key(&session_id) {
+            self.known.clear();
+        }
+        self.known.insert(session_id, position);
     }
 
     /// Marks the ranges the hand-off published.
@@ -298,7 +325,7 @@ impl Relay {
 
     /// Publishes every pending event it can; returns how many it published, and
     /// sets `pollcast_outbox_pending` to how many it could not.
-    pub async fn publish_pending(&self) -> DomainResult<usize> {
+    pub async fn publish_pending(&mut self) -> DomainResult<usize> {
         let mut total = 0;
         loop {
             let rows = outbox::Entity::find()
@@ -311,6 +338,9 @@ impl Relay {
             let full = rows.len() as u64 == BATCH;
             let read = rows.len();
             let (published, failure) = self.publish_rows(rows).await;
+            for (&session_id, &(_, last)) in &published {
+                self.note_in_stream(session_id, u64::try_from(last).unwrap_or(0));
+            }
             let progress = published
                 .values()
                 .map(|(first, last)| last - first + 1)
@@ -538,16 +568,31 @@ mod tests {
         let (session, events) = three_events(&domain).await;
         let handoff = Arc::new(Handoff::default());
         let (mut relay, stream) = relay(&domain, handoff.clone());
-        // Position 2's commit has not handed it over yet.
-        hand_over(&handoff, events.into_iter().filter(|e| e.position != 2));
+        // Position 1's commit has not handed it over (or its publish failed).
+        // The stream would take 2 as the session's first: it must not get it.
+        hand_over(&handoff, events.iter().skip(1).cloned());
         assert!(matches!(
             relay.publish_handed().await,
             Ok(Handed::NeedsSweep)
         ));
-        assert_eq!(in_stream(&stream, session).await, vec![1]);
-        // The sweep publishes 2 and 3 (1 again, which the stream ignores).
+        assert_eq!(in_stream(&stream, session).await, Vec::<u64>::new());
         relay.sweep().await.expect("sweep");
         assert_eq!(in_stream(&stream, session).await, vec![1, 2, 3]);
+        // Now known to the relay: what follows goes straight from the hand-off,
+        // and a gap after it is still refused.
+        let last = events.last().expect("three").clone();
+        let next = |position: u64| SessionEvent {
+            position,
+            ..last.clone()
+        };
+        hand_over(&handoff, [next(5)]);
+        assert!(matches!(
+            relay.publish_handed().await,
+            Ok(Handed::NeedsSweep)
+        ));
+        hand_over(&handoff, [next(4)]);
+        assert!(matches!(relay.publish_handed().await, Ok(Handed::Done)));
+        assert_eq!(in_stream(&stream, session).await, vec![1, 2, 3, 4]);
         assert_eq!(unmarked_rows(&domain, session).await, 0);
         assert_eq!(outbox_of(&domain, session).await.len(), 3);
     }
