@@ -37,6 +37,20 @@ pub struct PayloadHead {
     pub recovered: Option<bool>,
 }
 
+/// How envelopes travel on the socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    /// pollcast's contract: `/ws`, one envelope per frame.
+    Pollcast,
+    /// Socket.IO v4 over its WebSocket transport (`bench/peers/node`, for side-by-side
+    /// runs): `/socket.io/`, each envelope the argument of a `pollcast` event
+    /// (`42["pollcast",{…}]`), Engine.IO pings answered.
+    SocketIo,
+}
+
+/// What precedes the envelope in a Socket.IO event frame.
+const SOCKET_IO_EVENT: &[u8] = br#"42["pollcast","#;
+
 /// One frame from the server.
 pub enum Incoming {
     /// An envelope and its size on the wire.
@@ -47,21 +61,27 @@ pub enum Incoming {
     Closed(Option<u16>),
 }
 
-/// Opens `ws://{server}/ws?{query}` from `source` (any 127.0.0.0/8 address, so
-/// one generator can hold more connections than one address has ports).
+/// Opens `ws://{server}/ws?{query}` (or Socket.IO's endpoint) from `source` (any
+/// 127.0.0.0/8 address, so one generator can hold more connections than one
+/// address has ports).
 pub async fn connect(
     server: SocketAddr,
     source: IpAddr,
     query: &str,
     wait: Duration,
+    protocol: Protocol,
 ) -> anyhow::Result<Socket> {
+    let path = match protocol {
+        Protocol::Pollcast => "/ws?",
+        Protocol::SocketIo => "/socket.io/?EIO=4&transport=websocket&",
+    };
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(source, 0))?;
     let tcp = tokio::time::timeout(wait, socket.connect(server)).await??;
     tcp.set_nodelay(true)?;
     let mut stream = BufReader::new(tcp);
     let request = format!(
-        "GET /ws?{query} HTTP/1.1\r\nHost: {server}\r\nUpgrade: websocket\r\n\
+        "GET {path}{query} HTTP/1.1\r\nHost: {server}\r\nUpgrade: websocket\r\n\
          Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
          Sec-WebSocket-Version: 13\r\n\r\n"
     );
@@ -85,12 +105,42 @@ pub async fn connect(
     let mut ws = WebSocket::after_handshake(stream, Role::Client);
     ws.set_auto_close(true);
     ws.set_auto_pong(true);
+    if protocol == Protocol::SocketIo {
+        // Engine.IO's open packet, then join the default namespace.
+        let open = tokio::time::timeout(wait, ws.read_frame()).await??;
+        anyhow::ensure!(
+            open.payload.first() == Some(&b'0'),
+            "no Engine.IO open packet"
+        );
+        ws.write_frame(Frame::text(Payload::Borrowed(b"40")))
+            .await?;
+    }
     Ok(ws)
 }
 
-/// Reads the next frame. Answers `heartbeat:ping`, so long runs stay connected.
-pub async fn next(ws: &mut Socket, format: WireFormat) -> anyhow::Result<Incoming> {
+/// Reads the next frame. Answers `heartbeat:ping` (and Engine.IO's ping), so long
+/// runs stay connected.
+pub async fn next(
+    ws: &mut Socket,
+    format: WireFormat,
+    protocol: Protocol,
+) -> anyhow::Result<Incoming> {
     let frame = ws.read_frame().await?;
+    if protocol == Protocol::SocketIo && frame.opcode == OpCode::Text {
+        let text: &[u8] = &frame.payload;
+        if text == b"2" {
+            ws.write_frame(Frame::text(Payload::Borrowed(b"3"))).await?;
+            return Ok(Incoming::Other);
+        }
+        return match text.strip_prefix(SOCKET_IO_EVENT) {
+            Some(rest) => {
+                let envelope = rest.strip_suffix(b"]").unwrap_or(rest);
+                Ok(Incoming::Envelope(serde_json::from_slice(envelope)?))
+            }
+            // Namespace and other Engine.IO packets.
+            None => Ok(Incoming::Other),
+        };
+    }
     match frame.opcode {
         OpCode::Close => {
             let code = (frame.payload.len() >= 2)

@@ -45,6 +45,10 @@ struct Args {
     /// `json` or `msgpack`.
     #[arg(long, default_value = "json")]
     format: String,
+    /// The server's WebSocket protocol: pollcast's, or Socket.IO for the Node.js
+    /// peer in `bench/peers/node` (JSON only).
+    #[arg(long, value_enum, default_value = "pollcast")]
+    protocol: client::Protocol,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -152,6 +156,7 @@ struct Client {
     token: String,
     format: WireFormat,
     format_name: &'static str,
+    protocol: client::Protocol,
 }
 
 impl Client {
@@ -171,7 +176,14 @@ impl Client {
     /// `Storm`. `ready` counts established connections.
     async fn run(self, ready: Arc<AtomicU64>, mut phase: watch::Receiver<Phase>) -> Seen {
         let mut seen = Seen::default();
-        let Ok(mut ws) = client::connect(self.server, self.source, &self.query(None), WAIT).await
+        let Ok(mut ws) = client::connect(
+            self.server,
+            self.source,
+            &self.query(None),
+            WAIT,
+            self.protocol,
+        )
+        .await
         else {
             seen.failed = true;
             ready.fetch_add(1, Ordering::Relaxed);
@@ -186,7 +198,7 @@ impl Client {
         let mut watching = true;
         loop {
             let incoming = tokio::select! {
-                incoming = client::next(&mut ws, self.format) => incoming,
+                incoming = client::next(&mut ws, self.format, self.protocol) => incoming,
                 changed = phase.changed(), if watching => {
                     if changed.is_err() {
                         watching = false;
@@ -198,7 +210,7 @@ impl Client {
                     watching = false;
                     storm_started = Some(Instant::now());
                     drop(ws);
-                    match client::connect(self.server, self.source, &self.query(last_id.as_deref()), WAIT).await {
+                    match client::connect(self.server, self.source, &self.query(last_id.as_deref()), WAIT, self.protocol).await {
                         Ok(again) => ws = again,
                         Err(_) => { seen.failed = true; return seen; }
                     }
@@ -414,6 +426,10 @@ async fn main() -> anyhow::Result<()> {
         .parse()
         .map_err(|_| anyhow::anyhow!("--url must be http://127.x.y.z:PORT"))?;
     anyhow::ensure!(server.ip().is_loopback(), "load goes to loopback only");
+    anyhow::ensure!(
+        args.protocol == client::Protocol::Pollcast || args.format == "json",
+        "Socket.IO runs carry JSON only"
+    );
     let (format, format_name) = match args.format.as_str() {
         "msgpack" => (WireFormat::MessagePack, "msgpack"),
         _ => (WireFormat::Json, "json"),
@@ -499,6 +515,7 @@ async fn main() -> anyhow::Result<()> {
                 token,
                 format,
                 format_name,
+                protocol: args.protocol,
             };
             task_rooms.push(r);
             tasks.push(tokio::spawn(

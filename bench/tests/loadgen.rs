@@ -1,9 +1,12 @@
 //! The load generator's scenarios, run small against a real server over real
 //! sockets, so the tool behind `docs/benchmarks.md` keeps working: every room
 //! connected and followed to its end with nothing lost or repeated, and the
-//! exact-tally check of `ingest`.
+//! exact-tally check of `ingest`. The Node.js peers of the side-by-side runs
+//! (`bench/peers/node`) are held to the same.
 
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 
 use pollcast_api::RateLimitConfig;
 use pollcast_tests::server::Options;
@@ -13,10 +16,15 @@ use serde_json::Value;
 /// Runs `loadgen` against the server with the scenario's arguments; returns
 /// its JSON line.
 fn loadgen(t: &TestServer, scenario: &[&str]) -> Value {
+    loadgen_at(t.api.base(), scenario)
+}
+
+/// [`loadgen`] against any server's base URL.
+fn loadgen_at(url: &str, args: &[&str]) -> Value {
     let output = Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .arg("--url")
-        .arg(t.api.base())
-        .args(scenario)
+        .arg(url)
+        .args(args)
         .output()
         .expect("loadgen runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -85,4 +93,85 @@ async fn ingest_checks_the_tally_against_the_votes_accepted() {
     });
     assert_eq!(report["votes_accepted"], 60, "{report}");
     assert_eq!(report["tally_exact"], true, "{report}");
+}
+
+/// A Node.js peer process, killed when dropped.
+struct Peer(Child);
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `bench/peers/node` with `transport` on a port of the system's choice
+/// (installing its packages first when they are missing); returns it and its URL.
+fn peer(transport: &str) -> (Peer, String) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/node");
+    if !dir.join("node_modules").exists() {
+        let status = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--quiet"])
+            .current_dir(&dir)
+            .status()
+            .expect("npm runs (Node.js and npm are needed for the side-by-side peers)");
+        assert!(status.success(), "npm ci failed in {}", dir.display());
+    }
+    let mut child = Command::new("node")
+        .arg(dir.join("server.js"))
+        .args(["--listen", "127.0.0.1:0", "--transport", transport])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("node runs");
+    let stderr = child.stderr.take().expect("stderr");
+    let peer = Peer(child);
+    let mut line = String::new();
+    BufReader::new(stderr)
+        .read_line(&mut line)
+        .expect("the peer says where it listens");
+    let address = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .filter(|a| a.starts_with("127.0.0.1:"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_owned();
+    (peer, format!("http://{address}"))
+}
+
+/// Both transports of the Node.js peer carry a storm with replay as pollcast
+/// does: every client reconnects with `lastEventId` and misses nothing, so the
+/// side-by-side figures compare servers doing the same work.
+#[test]
+fn the_node_peers_carry_the_scenarios_without_loss() {
+    for (transport, protocol) in [("ws", "pollcast"), ("socketio", "socket-io")] {
+        let (_peer, url) = peer(transport);
+        let report = loadgen_at(
+            &url,
+            &[
+                "--protocol",
+                protocol,
+                "reconnect-storm",
+                "--clients",
+                "20",
+                "--votes-per-sec",
+                "40",
+                "--seconds",
+                "2",
+            ],
+        );
+        assert_eq!(report["clients"], 20, "{transport}: {report}");
+        assert_eq!(report["lost"], 0, "{transport}: {report}");
+        assert_eq!(report["duplicated"], 0, "{transport}: {report}");
+        assert_eq!(report["failed_connections"], 0, "{transport}: {report}");
+        assert_eq!(report["storm_unrecovered"], 0, "{transport}: {report}");
+        assert!(
+            report["votes_accepted"].as_u64() >= Some(40),
+            "{transport}: {report}"
+        );
+        assert!(
+            report["deliveries_per_sec"].as_f64() > Some(0.0),
+            "{transport}: {report}"
+        );
+    }
 }
