@@ -71,6 +71,7 @@ function newSession(title) {
     byParticipant: new Map(), // participant id -> Set of sockets
     participants: new Map(),
     pending: null, // poll id whose results:updated is scheduled
+    timer: null, // its timeout
   };
   sessions.set(id, session);
   codes.set(code, session);
