@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use pollcast_protocol::{SessionEvent, WireFormat};
+use pollcast_protocol::{Audience, SessionEvent, WireFormat};
 use pollcast_stream::{EventStream, StreamError, Subscription};
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -50,23 +50,26 @@ impl Room {
         self.members.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Hands one event to every member allowed to see it. In a large room that is
-    /// thousands of socket writes in a row: the worker thread says so to tokio
-    /// (`block_in_place`), which moves its other tasks to another thread instead
-    /// of letting them wait behind the fan-out.
+    /// Hands one event to every member allowed to see it. A room-wide event in a
+    /// large room is thousands of socket writes in a row: the worker thread says
+    /// so to tokio (`block_in_place`), which moves its other tasks to another
+    /// thread instead of letting them wait behind the fan-out. An event for the
+    /// presenters or one participant is a few writes however large the room, and
+    /// is written at once: handing the worker's tasks over costs a thread
+    /// wake-up, and a room with 2 000 members gets a `vote:accepted` per vote.
     fn dispatch(&self, event: Arc<SessionEvent>) {
-        let large = self.members().len() >= LARGE_ROOM;
+        let audience = event.event.audience();
+        let large = audience == Audience::Room && self.members().len() >= LARGE_ROOM;
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         if large && multi_thread {
-            tokio::task::block_in_place(|| self.dispatch_now(event));
+            tokio::task::block_in_place(|| self.dispatch_now(event, audience));
         } else {
-            self.dispatch_now(event);
+            self.dispatch_now(event, audience);
         }
     }
 
-    fn dispatch_now(&self, event: Arc<SessionEvent>) {
-        let audience = event.event.audience();
+    fn dispatch_now(&self, event: Arc<SessionEvent>, audience: Audience) {
         let encoded = Arc::new(EncodedEvent::new(event));
         let started = std::time::Instant::now();
         self.members().retain(|_, member| {
