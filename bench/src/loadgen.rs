@@ -127,6 +127,11 @@ struct Seen {
     frames: u64,
     /// Events at or before a position already seen.
     duplicates: u64,
+    /// Positions skipped between two events received (from the first one seen).
+    /// A presenter sees every event but `vote:rejected` (the voter's alone).
+    gaps: u64,
+    /// `vote:rejected` events received: the positions a presenter skips.
+    rejections: u64,
     /// The connection failed or was closed by the server.
     failed: bool,
     /// From the storm signal to `connection:reconnected`.
@@ -247,6 +252,12 @@ impl Client {
                     if position <= last_position {
                         seen.duplicates += 1;
                         continue;
+                    }
+                    if last_position > 0 {
+                        seen.gaps += position - last_position - 1;
+                    }
+                    if event_type == "vote:rejected" {
+                        seen.rejections += 1;
                     }
                     last_position = position;
                     last_id = Some(id.to_string());
@@ -581,6 +592,23 @@ async fn main() -> anyhow::Result<()> {
         .map(|(s, &r)| presenter_saw[r].saturating_sub(s.room_events))
         .sum();
     let duplicates: u64 = seen.iter().map(|s| s.duplicates).sum();
+    // Events no client of a room received: the holes in its presenter's
+    // positions (its first socket's) less the `vote:rejected` its voters got. A
+    // fault every client shares (an event published to nobody, a replay that
+    // skips one) leaves the counts above equal; it shows here.
+    let mut holes = vec![0u64; rooms];
+    let mut rejections = vec![0u64; rooms];
+    for (i, (s, &r)) in seen.iter().zip(&task_rooms).enumerate() {
+        if i == 0 || task_rooms[i - 1] != r {
+            holes[r] = s.gaps;
+        }
+        rejections[r] += s.rejections;
+    }
+    let unseen: u64 = holes
+        .iter()
+        .zip(&rejections)
+        .map(|(h, r)| h.saturating_sub(*r))
+        .sum();
     let failed = seen.iter().filter(|s| s.failed).count();
     let frames: u64 = seen.iter().map(|s| s.frames).sum();
     let mut latencies: Vec<u32> = seen
@@ -648,7 +676,7 @@ async fn main() -> anyhow::Result<()> {
         server_p99.map_or("n/a".into(), |v| format!("{v:.1} ms")),
     );
     println!(
-        "  {:.0} deliveries/s, {:.0} votes/s accepted ({} of {} sent); lost {lost}, duplicated {duplicates}, failed connections {failed}",
+        "  {:.0} deliveries/s, {:.0} votes/s accepted ({} of {} sent); lost {lost}, duplicated {duplicates}, unseen by every client {unseen}, failed connections {failed}",
         frames as f64 / wall.as_secs_f64(),
         votes.accepted as f64 / votes.elapsed.as_secs_f64().max(1e-9),
         votes.accepted,
@@ -713,6 +741,7 @@ async fn main() -> anyhow::Result<()> {
         "votes_accepted": votes.accepted,
         "lost": lost,
         "duplicated": duplicates,
+        "unseen": unseen,
         "failed_connections": failed,
         "server_cpu_us_per_frame": server_cpu.map(per_frame_us),
         "server_cpu_us_per_vote": server_cpu.map(|c| if votes.accepted > 0 { c * 1e6 / votes.accepted as f64 } else { 0.0 }),

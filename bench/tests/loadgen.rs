@@ -72,6 +72,7 @@ async fn rooms_counts_every_room_and_loses_nothing() {
     assert_eq!(report["clients"], 12);
     assert_eq!(report["lost"], 0, "{report}");
     assert_eq!(report["duplicated"], 0, "{report}");
+    assert_eq!(report["unseen"], 0, "{report}");
     assert_eq!(report["failed_connections"], 0, "{report}");
     // 40 votes a second for 2 s, to the rooms in turn; a room's poll rotates
     // after its four voters (a vote still in flight at a rotation may meet the
@@ -93,6 +94,7 @@ async fn ingest_checks_the_tally_against_the_votes_accepted() {
     });
     assert_eq!(report["votes_accepted"], 60, "{report}");
     assert_eq!(report["tally_exact"], true, "{report}");
+    assert_eq!(report["unseen"], 0, "{report}");
 }
 
 /// A Node.js peer process, killed when dropped.
@@ -163,6 +165,7 @@ fn the_node_peers_carry_the_scenarios_without_loss() {
         assert_eq!(report["clients"], 20, "{transport}: {report}");
         assert_eq!(report["lost"], 0, "{transport}: {report}");
         assert_eq!(report["duplicated"], 0, "{transport}: {report}");
+        assert_eq!(report["unseen"], 0, "{transport}: {report}");
         assert_eq!(report["failed_connections"], 0, "{transport}: {report}");
         assert_eq!(report["storm_unrecovered"], 0, "{transport}: {report}");
         assert!(
