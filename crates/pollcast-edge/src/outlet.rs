@@ -16,6 +16,7 @@
 //! connection that almost never queues anything.
 
 use std::collections::VecDeque;
+use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -87,6 +88,9 @@ pub struct Outlet {
     ready: Notify,
     write_timeout: Duration,
 }
+
+/// Frames one direct write takes at most; a room hands over no more at once.
+pub const MAX_SLICES: usize = 32;
 
 /// Queue slots kept once a backlog drains; a burst's larger buffer is given back.
 const KEPT_SLOTS: usize = 8;
@@ -191,9 +195,19 @@ impl Outlet {
     /// Hands an event of the room to this connection: written at once when the
     /// connection is live and idle, else queued.
     pub fn offer(&self, event: &Arc<EncodedEvent>, frame: &[u8]) -> Offered {
+        self.offer_all(&[(event, frame)])
+    }
+
+    /// Hands several events of the room to this connection, in position order:
+    /// when the connection is live and idle, all of them in one (vectored)
+    /// write, so a burst costs a connection one system call rather than one per
+    /// event; what that write does not take is queued, as [`Outlet::offer`]
+    /// queues.
+    pub fn offer_all(&self, frames: &[(&Arc<EncodedEvent>, &[u8])]) -> Offered {
         if self.overflowed() {
             return Offered::Overflowed;
         }
+        let mut rest = frames;
         if self.direct.load(Ordering::Acquire)
             && self.queued.load(Ordering::Acquire) == 0
             && let Ok(mut sink) = self.sink.try_lock()
@@ -201,34 +215,56 @@ impl Outlet {
             && self.direct.load(Ordering::Acquire)
             && self.queued.load(Ordering::Acquire) == 0
         {
-            let position = event.position();
-            if position <= self.last() {
-                return Offered::Taken;
+            // What a replay already sent is passed over.
+            let last = self.last();
+            let skip = frames.partition_point(|(event, _)| event.position() <= last);
+            let fresh = &frames[skip..];
+            let fresh = &fresh[..fresh.len().min(MAX_SLICES)];
+            let mut taken = 0;
+            if !fresh.is_empty() {
+                let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+                for (slice, (_, frame)) in slices.iter_mut().zip(fresh) {
+                    *slice = IoSlice::new(frame);
+                }
+                // One try, never a wait: a no-op waker, because the task is idle
+                // (nothing queued) and will register its own when it next writes.
+                let mut cx = Context::from_waker(Waker::noop());
+                let slices = &slices[..fresh.len()];
+                let mut written = match Pin::new(&mut sink.io).poll_write_vectored(&mut cx, slices)
+                {
+                    Poll::Ready(Ok(n)) => n,
+                    // Full (or broken: the task will find out when it writes).
+                    Poll::Ready(Err(_)) | Poll::Pending => 0,
+                };
+                for (event, frame) in fresh {
+                    if written == 0 {
+                        break;
+                    }
+                    self.set_last(event.position());
+                    taken += 1;
+                    if written >= frame.len() {
+                        written -= frame.len();
+                        sink.delivered(&event.event);
+                        continue;
+                    }
+                    // The rest of a begun frame is owed whatever the limit: a torn
+                    // frame would break the stream for good.
+                    self.queued
+                        .fetch_add(frame.len() - written, Ordering::AcqRel);
+                    self.enqueue(Queued::Rest(Arc::clone(event), written));
+                    break;
+                }
             }
-            // One try, never a wait: a no-op waker, because the task is idle
-            // (nothing queued) and will register its own when it next writes.
-            let mut cx = Context::from_waker(Waker::noop());
-            let written = match Pin::new(&mut sink.io).poll_write(&mut cx, frame) {
-                Poll::Ready(Ok(n)) => n,
-                // Full (or broken: the task will find out when it writes).
-                Poll::Ready(Err(_)) | Poll::Pending => 0,
-            };
-            if written == frame.len() {
-                self.set_last(position);
-                sink.delivered(&event.event);
-                return Offered::Taken;
-            }
-            if written > 0 {
-                self.set_last(position);
-                // The rest of a begun frame is owed whatever the limit: a torn
-                // frame would break the stream for good.
-                self.queued
-                    .fetch_add(frame.len() - written, Ordering::AcqRel);
-                self.enqueue(Queued::Rest(Arc::clone(event), written));
-                return Offered::Taken;
+            // Queued after what the write began, in order: the frames it did not
+            // take, and any past one write's slices.
+            rest = &frames[skip + taken..];
+        }
+        for (event, frame) in rest {
+            if self.push(Queued::Event(Arc::clone(event)), frame.len()) == Offered::Overflowed {
+                return Offered::Overflowed;
             }
         }
-        self.push(Queued::Event(Arc::clone(event)), frame.len())
+        Offered::Taken
     }
 
     /// Queues, counting `len` bytes against the limit.
@@ -391,6 +427,85 @@ mod tests {
         assert!(got == expected, "frames reordered or torn");
         assert_eq!(outlet.last(), 200);
         task.abort();
+    }
+
+    /// Bursts offered together (as a room hands over the events waiting for it)
+    /// come out as offered one by one: every frame whole, in order, whether the
+    /// write took all of a burst, part of a frame, or nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bursts_arrive_whole_and_in_order_whoever_writes_them() {
+        let (mut client, server) = tokio::io::duplex(300);
+        let (outlet, mut queue) =
+            Outlet::new(Box::new(server), "json", 1 << 20, Duration::from_secs(5));
+        outlet.set_direct(true).await;
+        let task_outlet = Arc::clone(&outlet);
+        let task = tokio::spawn(async move {
+            loop {
+                let item = queue.recv().await;
+                task_outlet
+                    .write_queued(&item, WireFormat::Json)
+                    .await
+                    .expect("write");
+            }
+        });
+        let session = Uuid::now_v7();
+        let events: Vec<_> = (1..=200).map(|p| event(session, p)).collect();
+        let frames: Vec<_> = events.iter().map(json_frame).collect();
+        let expected = frames.concat();
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; expected.len()];
+            client.read_exact(&mut got).await.expect("every byte");
+            (got, expected)
+        });
+        // Bursts of 1 to 7 events, some longer than the socket takes at once.
+        let mut at = 0;
+        for size in (1..=7).cycle() {
+            if at == events.len() {
+                break;
+            }
+            let end = (at + size).min(events.len());
+            let burst: Vec<_> = events[at..end]
+                .iter()
+                .zip(&frames[at..end])
+                .map(|(e, f)| (e, f.as_slice()))
+                .collect();
+            assert_eq!(outlet.offer_all(&burst), Offered::Taken);
+            at = end;
+            tokio::task::yield_now().await;
+        }
+        let (got, expected) = tokio::time::timeout(Duration::from_secs(10), reader)
+            .await
+            .expect("all bytes in time")
+            .expect("reader");
+        assert!(got == expected, "frames reordered or torn");
+        assert_eq!(outlet.last(), 200);
+        task.abort();
+    }
+
+    /// A live, idle connection gets a burst in one write, nothing queued, and
+    /// not the events a replay already sent it.
+    #[tokio::test]
+    async fn a_burst_to_an_idle_socket_is_written_at_once_past_the_replay() {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let (outlet, mut queue) =
+            Outlet::new(Box::new(server), "json", 1 << 20, Duration::from_secs(5));
+        outlet.set_direct(true).await;
+        outlet.set_last(2);
+        let session = Uuid::now_v7();
+        let events: Vec<_> = (1..=5).map(|p| event(session, p)).collect();
+        let frames: Vec<_> = events.iter().map(json_frame).collect();
+        let burst: Vec<_> = events
+            .iter()
+            .zip(&frames)
+            .map(|(e, f)| (e, f.as_slice()))
+            .collect();
+        assert_eq!(outlet.offer_all(&burst), Offered::Taken);
+        assert!(queue.try_recv().is_none(), "nothing left for the task");
+        assert_eq!(outlet.last(), 5);
+        let expected = frames[2..].concat();
+        let mut got = vec![0u8; expected.len()];
+        client.read_exact(&mut got).await.expect("the burst");
+        assert!(got == expected, "not positions 3 to 5, in order");
     }
 
     /// A frame the room began is finished even when its rest alone is over the

@@ -21,6 +21,10 @@ use crate::pager::{Page, Pager};
 const CATCH_UP_RETRY: Duration = Duration::from_millis(20);
 /// Longest wait between catch-up retries.
 const CATCH_UP_RETRY_MAX: Duration = Duration::from_secs(1);
+/// Events one dispatch writes together: those already waiting when the room
+/// takes the next (a poll's close, the next poll and its activation; a room
+/// that fell behind), each member's in one write.
+const BURST: usize = crate::outlet::MAX_SLICES;
 /// Members from which a dispatch (one socket write each) hands the worker's other
 /// tasks to another thread first; below it, the hand-off costs more than it saves.
 const LARGE_ROOM: usize = 256;
@@ -50,41 +54,51 @@ impl Room {
         self.members.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Hands one event to every member allowed to see it. A room-wide event in a
-    /// large room is thousands of socket writes in a row: the worker thread says
-    /// so to tokio (`block_in_place`), which moves its other tasks to another
-    /// thread instead of letting them wait behind the fan-out. An event for the
-    /// presenters or one participant is a few writes however large the room, and
-    /// is written at once: handing the worker's tasks over costs a thread
-    /// wake-up, and a room with 2 000 members gets a `vote:accepted` per vote.
-    fn dispatch(&self, event: Arc<SessionEvent>) {
-        let audience = event.event.audience();
-        let large = audience == Audience::Room && self.members().len() >= LARGE_ROOM;
+    /// Hands events (consecutive, in order) to every member allowed to see them,
+    /// each member's in one write. A room-wide event in a large room is
+    /// thousands of socket writes in a row: the worker thread says so to tokio
+    /// (`block_in_place`), which moves its other tasks to another thread instead
+    /// of letting them wait behind the fan-out. Events for the presenters or one
+    /// participant are a few writes however large the room, and are written at
+    /// once: handing the worker's tasks over costs a thread wake-up, and a room
+    /// with 2 000 members gets a `vote:accepted` per vote.
+    fn dispatch(&self, events: &[Arc<SessionEvent>]) {
+        let audiences: Vec<Audience> = events.iter().map(|e| e.event.audience()).collect();
+        let large = audiences.contains(&Audience::Room) && self.members().len() >= LARGE_ROOM;
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         if large && multi_thread {
-            tokio::task::block_in_place(|| self.dispatch_now(event, audience));
+            tokio::task::block_in_place(|| self.dispatch_now(events, &audiences));
         } else {
-            self.dispatch_now(event, audience);
+            self.dispatch_now(events, &audiences);
         }
     }
 
-    fn dispatch_now(&self, event: Arc<SessionEvent>, audience: Audience) {
-        let encoded = Arc::new(EncodedEvent::new(event));
+    fn dispatch_now(&self, events: &[Arc<SessionEvent>], audiences: &[Audience]) {
+        let encoded: Vec<Arc<EncodedEvent>> = events
+            .iter()
+            .map(|event| Arc::new(EncodedEvent::new(Arc::clone(event))))
+            .collect();
         let started = std::time::Instant::now();
+        // One member's share of the events, made again for each member.
+        let mut share: Vec<(&Arc<EncodedEvent>, &[u8])> = Vec::with_capacity(encoded.len());
         self.members().retain(|_, member| {
-            if !audience.includes(member.presenter, member.participant) {
-                return true;
+            share.clear();
+            for (event, audience) in encoded.iter().zip(audiences) {
+                if audience.includes(member.presenter, member.participant)
+                    && let Some(frame) = event.framed(member.format)
+                {
+                    share.push((event, frame.bytes()));
+                }
             }
-            match encoded.framed(member.format) {
-                Some(frame) => member.outlet.offer(&encoded, frame.bytes()) == Offered::Taken,
-                None => true,
-            }
+            share.is_empty() || member.outlet.offer_all(&share) == Offered::Taken
         });
         metrics::histogram!("pollcast_edge_fanout_seconds").record(started.elapsed().as_secs_f64());
-        let lag = pollcast_protocol::Timestamp::now().unix_millis()
-            - encoded.event.timestamp.unix_millis();
-        metrics::histogram!("pollcast_edge_event_lag_seconds").record(lag.max(0) as f64 / 1000.0);
+        let now = pollcast_protocol::Timestamp::now().unix_millis();
+        let lag = metrics::histogram!("pollcast_edge_event_lag_seconds");
+        for event in events {
+            lag.record((now - event.timestamp.unix_millis()).max(0) as f64 / 1000.0);
+        }
     }
 }
 
@@ -173,19 +187,39 @@ async fn run(room: Arc<Room>, mut live: Subscription, stream: Arc<dyn EventStrea
     let retry = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(retry);
     let mut backoff: Option<Duration> = None;
+    // What the subscription gave after a burst, still to be looked at.
+    let mut held = None;
     loop {
-        let next = tokio::select! {
-            () = room.stop.notified() => break,
-            () = &mut retry, if backoff.is_some() => None,
-            next = live.next() => Some(next),
+        let next = match held.take() {
+            Some(next) => Some(next),
+            None => tokio::select! {
+                () = room.stop.notified() => break,
+                () = &mut retry, if backoff.is_some() => None,
+                next = live.next() => Some(next),
+            },
         };
         let fill = match next {
             None => true,
             Some(Ok(event)) if event.position <= last => false,
             Some(Ok(event)) if last == 0 || event.position == last + 1 => {
                 last = event.position;
+                let mut burst = vec![event];
+                // The events already waiting go with it.
+                while burst.len() < BURST {
+                    match ready_now(live.next()) {
+                        Some(Ok(next)) if next.position == last + 1 => {
+                            last = next.position;
+                            burst.push(next);
+                        }
+                        Some(other) => {
+                            held = Some(other);
+                            break;
+                        }
+                        None => break,
+                    }
+                }
                 owed = owed.max(last);
-                room.dispatch(event);
+                room.dispatch(&burst);
                 false
             }
             Some(Ok(event)) => {
@@ -214,6 +248,18 @@ async fn run(room: Arc<Room>, mut live: Subscription, stream: Arc<dyn EventStrea
     }
 }
 
+/// The future's output if it is ready without waiting. The subscription's
+/// `next` is cancel-safe (the room's `select!` drops it too), so a pending one is
+/// simply dropped.
+fn ready_now<F: std::future::Future>(future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(output) => Some(output),
+        std::task::Poll::Pending => None,
+    }
+}
+
 async fn catch_up(
     room: &Room,
     stream: &dyn EventStream,
@@ -223,9 +269,11 @@ async fn catch_up(
     loop {
         match pager.next().await? {
             Page::Events(events) => {
-                for event in events {
-                    *last = event.position;
-                    room.dispatch(event);
+                for burst in events.chunks(BURST) {
+                    if let Some(newest) = burst.last() {
+                        *last = newest.position;
+                    }
+                    room.dispatch(burst);
                 }
             }
             Page::End => return Ok(()),
