@@ -382,12 +382,17 @@ mod tests {
             .to_vec()
     }
 
-    /// A socket that takes a few hundred bytes at a time makes the room's writes
-    /// partial or impossible, and the task's writes wait: the bytes that come out
-    /// are still every frame, whole, in order.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn frames_arrive_whole_and_in_order_whoever_writes_them() {
-        let (mut client, server) = tokio::io::duplex(300);
+    /// A live outlet over a socket that takes `capacity` bytes at a time, with a
+    /// task writing what gets queued, as the connection's task would; and the
+    /// client's end.
+    async fn live_outlet(
+        capacity: usize,
+    ) -> (
+        Arc<Outlet>,
+        tokio::io::DuplexStream,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (client, server) = tokio::io::duplex(capacity);
         let (outlet, mut queue) =
             Outlet::new(Box::new(server), "json", 1 << 20, Duration::from_secs(5));
         outlet.set_direct(true).await;
@@ -401,6 +406,15 @@ mod tests {
                     .expect("write");
             }
         });
+        (outlet, client, task)
+    }
+
+    /// A socket that takes a few hundred bytes at a time makes the room's writes
+    /// partial or impossible, and the task's writes wait: the bytes that come out
+    /// are still every frame, whole, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn frames_arrive_whole_and_in_order_whoever_writes_them() {
+        let (outlet, mut client, task) = live_outlet(300).await;
         let session = Uuid::now_v7();
         let events: Vec<_> = (1..=200).map(|p| event(session, p)).collect();
         let mut expected = Vec::new();
@@ -434,20 +448,7 @@ mod tests {
     /// write took all of a burst, part of a frame, or nothing.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bursts_arrive_whole_and_in_order_whoever_writes_them() {
-        let (mut client, server) = tokio::io::duplex(300);
-        let (outlet, mut queue) =
-            Outlet::new(Box::new(server), "json", 1 << 20, Duration::from_secs(5));
-        outlet.set_direct(true).await;
-        let task_outlet = Arc::clone(&outlet);
-        let task = tokio::spawn(async move {
-            loop {
-                let item = queue.recv().await;
-                task_outlet
-                    .write_queued(&item, WireFormat::Json)
-                    .await
-                    .expect("write");
-            }
-        });
+        let (outlet, mut client, task) = live_outlet(300).await;
         let session = Uuid::now_v7();
         let events: Vec<_> = (1..=200).map(|p| event(session, p)).collect();
         let frames: Vec<_> = events.iter().map(json_frame).collect();
