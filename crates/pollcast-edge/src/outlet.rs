@@ -409,6 +409,21 @@ mod tests {
         (outlet, client, task)
     }
 
+    /// Waits for `reader` (the bytes the client read, and those it should have)
+    /// and checks they match and that the outlet passed on everything to `last`.
+    async fn assert_arrived_whole(
+        reader: tokio::task::JoinHandle<(Vec<u8>, Vec<u8>)>,
+        outlet: &Outlet,
+        last: u64,
+    ) {
+        let (got, expected) = tokio::time::timeout(Duration::from_secs(10), reader)
+            .await
+            .expect("all bytes in time")
+            .expect("reader");
+        assert!(got == expected, "frames reordered or torn");
+        assert_eq!(outlet.last(), last);
+    }
+
     /// A socket that takes a few hundred bytes at a time makes the room's writes
     /// partial or impossible, and the task's writes wait: the bytes that come out
     /// are still every frame, whole, in order.
@@ -434,12 +449,7 @@ mod tests {
             client.read_exact(&mut got).await.expect("every byte");
             (got, expected)
         });
-        let (got, expected) = tokio::time::timeout(Duration::from_secs(10), reader)
-            .await
-            .expect("all bytes in time")
-            .expect("reader");
-        assert!(got == expected, "frames reordered or torn");
-        assert_eq!(outlet.last(), 200);
+        assert_arrived_whole(reader, &outlet, 200).await;
         task.abort();
     }
 
@@ -474,12 +484,7 @@ mod tests {
             at = end;
             tokio::task::yield_now().await;
         }
-        let (got, expected) = tokio::time::timeout(Duration::from_secs(10), reader)
-            .await
-            .expect("all bytes in time")
-            .expect("reader");
-        assert!(got == expected, "frames reordered or torn");
-        assert_eq!(outlet.last(), 200);
+        assert_arrived_whole(reader, &outlet, 200).await;
         task.abort();
     }
 
