@@ -556,6 +556,78 @@ mod tests {
         }
     }
 
+    /// Every read of the batch transaction decides a ballot of one batch: the
+    /// polls' statuses, the voters' sessions, the stored answers and the votes
+    /// an earlier batch committed.
+    #[tokio::test]
+    async fn each_read_of_a_batch_decides_a_ballot() {
+        let domain = domain().await;
+        let (presenter, session, poll, voters) = voting_session(&domain, 3).await;
+        let draft = domain
+            .create_poll(
+                &presenter,
+                session,
+                crate::NewPoll {
+                    question: "Later?".into(),
+                    options: vec![
+                        crate::NewPollOption::Text("A".into()),
+                        crate::NewPollOption::Text("B".into()),
+                    ],
+                    kind: Default::default(),
+                    max_choices: None,
+                },
+            )
+            .await
+            .expect("draft poll");
+        let keyed = |voter, key: &str| Ballot {
+            key: Some(key.to_owned()),
+            ..ballot(session, &poll, voter, 0)
+        };
+        let first = commit(
+            &domain,
+            vec![keyed(voters[0], "k0"), ballot(session, &poll, voters[1], 1)],
+        )
+        .await;
+        let first_vote = first[0].as_ref().expect("first vote").id;
+        let outcomes = commit(
+            &domain,
+            vec![
+                keyed(voters[0], "k0"),
+                ballot(session, &poll, voters[1], 0),
+                ballot(session, &draft, voters[2], 0),
+                ballot(session, &poll, Uuid::now_v7(), 0),
+                Ballot {
+                    poll_id: Uuid::now_v7(),
+                    ..ballot(session, &poll, voters[2], 0)
+                },
+                ballot(session, &poll, voters[2], 1),
+            ],
+        )
+        .await;
+        let kinds: Vec<String> = outcomes
+            .iter()
+            .map(|o| match o {
+                Ok(vote) if vote.id == first_vote => "the first answer".into(),
+                Ok(_) => "accepted".into(),
+                Err(DomainError::VoteRejected { reason, .. }) => reason.code().into(),
+                Err(other) => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "the first answer",
+                "already_voted",
+                "poll_not_active",
+                "Unauthorized(\"the token's participant is not a participant of its session\")",
+                "PollNotFound",
+                "accepted",
+            ]
+        );
+        let results = domain.results(&presenter, poll.id).await.expect("results");
+        assert_eq!(results.total_votes, 3);
+    }
+
     #[tokio::test]
     async fn a_ballot_that_fails_its_batch_fails_alone() {
         let domain = domain().await;
