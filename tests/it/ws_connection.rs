@@ -488,3 +488,24 @@ async fn protocol_violations_close_with_1002_or_1007() {
         "a clean close is echoed"
     );
 }
+
+/// A client may send frames right behind its handshake, without waiting for
+/// the 101 (RFC 6455 §4.1). They reach the server with the request, so hyper
+/// has read them by the upgrade; the connection must read them first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_sent_with_the_handshake_are_read() {
+    use pollcast_tests::ws::{RawClient, client_frame};
+    let t = TestServer::start(Backend::Sqlite).await;
+    let p = t.api.create_session("Town hall").await;
+    t.settle(&p.session_id).await;
+    let q = query(&p.session_id, &p.token, None, Format::Json);
+    let key = Some([0x0a, 0x0b, 0x0c, 0x0d]);
+    let mut early = client_frame(0x81, br#"{"eventType":"heartbeat:pong"}"#, key);
+    early.extend(client_frame(0x88, &1000u16.to_be_bytes(), key));
+    let mut client = RawClient::connect_sending(t.server.addr(), &q, &early).await;
+    assert_eq!(
+        client.close_status().await,
+        Some(1000),
+        "the close sent with the handshake is echoed"
+    );
+}

@@ -295,16 +295,27 @@ pub struct RawClient {
 impl RawClient {
     /// Upgrades `ws://{addr}/ws?{query}` by hand.
     pub async fn connect(addr: std::net::SocketAddr, query: &str) -> RawClient {
+        Self::connect_sending(addr, query, &[]).await
+    }
+
+    /// Upgrades `ws://{addr}/ws?{query}` by hand, sending `early` (frames) in the
+    /// same write as the request, before the server's answer: RFC 6455 lets a
+    /// client send frames once it has sent its handshake.
+    pub async fn connect_sending(
+        addr: std::net::SocketAddr,
+        query: &str,
+        early: &[u8],
+    ) -> RawClient {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut tcp = TcpStream::connect(addr).await.expect("tcp connect");
-        let request = format!(
+        let mut request = format!(
             "GET /ws?{query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
              Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
              Sec-WebSocket-Version: 13\r\n\r\n"
-        );
-        tcp.write_all(request.as_bytes())
-            .await
-            .expect("send upgrade");
+        )
+        .into_bytes();
+        request.extend_from_slice(early);
+        tcp.write_all(&request).await.expect("send upgrade");
         let mut buffer = Vec::new();
         let end = loop {
             if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {

@@ -11,12 +11,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fastwebsockets::{Frame, OpCode, WebSocket};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
 use pollcast_protocol::token::Claims;
 use pollcast_protocol::{
     ConnectionEvent, EventId, PresenceKind, PresenceSignal, Role, SessionEvent, Timestamp,
     WireFormat,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use uuid::Uuid;
 
@@ -37,27 +40,54 @@ const REPLAY_PATIENCE: Duration = Duration::from_secs(3);
 /// How long to wait for the client's close frame after sending ours.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
-/// Serves one upgraded connection until it ends. `origin` is the request's
-/// `Origin` header, which browsers always send and other clients usually do not.
-pub(crate) async fn serve<S>(edge: Edge, ws: WebSocket<S>, query: String, origin: Option<String>)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+/// The socket's read half, owned by the connection's task.
+pub(crate) type ReadSide = Box<dyn AsyncRead + Send + Unpin>;
+/// The socket's write half, shared through the outlet with the room.
+pub(crate) type WriteSide = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// The two halves of an upgraded socket, and the bytes hyper read past the
+/// request (frames a client sent without waiting for the 101).
+///
+/// The server's sockets are plain TCP, which splits into halves that take no
+/// lock (`TcpStream::into_split`). hyper hands the upgraded socket over boxed
+/// and wrapped; every write by the room went through those layers and
+/// `tokio::io::split`'s lock, per frame. Anything else (never the server's own
+/// listener) is split with `tokio::io::split`.
+pub(crate) fn halves(ws: WebSocket<TokioIo<Upgraded>>) -> (ReadSide, WriteSide, Vec<u8>) {
+    match ws
+        .into_inner()
+        .into_inner()
+        .downcast::<TokioIo<TcpStream>>()
+    {
+        Ok(parts) => {
+            let (read, write) = parts.io.into_inner().into_split();
+            (Box::new(read), Box::new(write), parts.read_buf.to_vec())
+        }
+        Err(io) => {
+            let (read, write) = tokio::io::split(TokioIo::new(io));
+            (Box::new(read), Box::new(write), Vec::new())
+        }
+    }
+}
+
+/// Serves one upgraded connection until it ends: `already_read` are the first
+/// bytes the client sent on it. `origin` is the request's `Origin` header,
+/// which browsers always send and other clients usually do not.
+pub(crate) async fn serve(
+    edge: Edge,
+    (read, write, already_read): (ReadSide, WriteSide, Vec<u8>),
+    query: String,
+    origin: Option<String>,
+) {
     // This task reads; writes go through the outlet, which the room shares.
-    let (read, write) = tokio::io::split(ws.into_inner());
-    let mut reader = ClientReader::new(read);
+    let mut reader = ClientReader::with_read(read, already_read);
     let format = query::format_of(&query);
     let label = match format {
         WireFormat::Json => "json",
         WireFormat::MessagePack => "msgpack",
     };
     let config = &edge.inner.config;
-    let (outlet, live) = Outlet::new(
-        Box::new(write),
-        label,
-        config.send_queue_bytes,
-        config.write_timeout,
-    );
+    let (outlet, live) = Outlet::new(write, label, config.send_queue_bytes, config.write_timeout);
     let mut out = Writer {
         outlet,
         format,

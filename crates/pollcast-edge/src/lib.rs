@@ -175,7 +175,15 @@ async fn upgrade(
         .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned());
     tokio::spawn(async move {
         match socket.await {
-            Ok(ws) => connection::serve(edge, ws, query.unwrap_or_default(), origin).await,
+            Ok(ws) => {
+                connection::serve(
+                    edge,
+                    connection::halves(ws),
+                    query.unwrap_or_default(),
+                    origin,
+                )
+                .await;
+            }
             Err(err) => tracing::debug!(error = %err, "upgrade did not complete"),
         }
     });

@@ -76,11 +76,18 @@ enum Step {
 }
 
 impl<R: AsyncRead + Unpin> ClientReader<R> {
-    /// A reader of a socket past the upgrade.
+    /// A reader of a socket past the upgrade, nothing read yet.
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn new(io: R) -> Self {
+        Self::with_read(io, Vec::new())
+    }
+
+    /// A reader of a socket past the upgrade, of which `already_read` was read
+    /// with the request: a client may send frames without waiting for the 101.
+    pub fn with_read(io: R, already_read: Vec<u8>) -> Self {
         Self {
             io,
-            buffered: Vec::new(),
+            buffered: already_read,
             message: Vec::new(),
             fragmented: None,
             ended: false,
