@@ -73,12 +73,21 @@ pub(crate) fn halves(ws: WebSocket<TokioIo<Upgraded>>) -> (ReadSide, WriteSide, 
 /// Serves one upgraded connection until it ends: `already_read` are the first
 /// bytes the client sent on it. `origin` is the request's `Origin` header,
 /// which browsers always send and other clients usually do not.
-pub(crate) async fn serve(
+///
+/// A plain function that returns the connection's future rather than an `async
+/// fn`, here and in [`run`], for the size of that future, which every idle
+/// connection carries for its whole life (it is most of an idle connection's
+/// memory): an `async fn` keeps its arguments in its state twice (rustc moves
+/// them from where the caller put them into the body's own locals), and a
+/// value moved out of a local keeps its slot until the local's scope ends.
+/// So the set-up runs before the future exists, and what the future holds is
+/// only what it uses.
+pub(crate) fn serve(
     edge: Edge,
     (read, write, already_read): (ReadSide, WriteSide, Vec<u8>),
     query: String,
     origin: Option<String>,
-) {
+) -> impl Future<Output = ()> {
     // This task reads; writes go through the outlet, which the room shares.
     let mut reader = ClientReader::with_read(read, already_read);
     let format = query::format_of(&query);
@@ -93,25 +102,48 @@ pub(crate) async fn serve(
         format,
         session_id: Uuid::nil(),
     };
-    // The connection's future lives as long as the connection, and its size is
-    // that of its largest state: what runs once or rarely (admission, closes,
-    // replays, error frames) is boxed, so an idle connection does not carry it.
-    let admitted = Box::pin(admit(&edge, &query, origin.as_deref())).await;
-    drop((query, origin));
-    match admitted {
+    async move {
+        // What runs once or rarely (admission, closes, replays, error frames) is
+        // boxed, so an idle connection does not carry it.
+        let Some((request, claims, admission)) = Box::pin(admit_or_refuse(
+            &edge,
+            &query,
+            origin.as_deref(),
+            &mut out,
+            &mut reader,
+        ))
+        .await
+        else {
+            return;
+        };
+        // Not kept past admission: an idle connection has no use for them.
+        drop((query, origin));
+        out.session_id = request.session_id;
+        metrics::gauge!("pollcast_ws_connections").increment(1.0);
+        run(&edge, out, live, request, claims, &mut reader).await;
+        metrics::gauge!("pollcast_ws_connections").decrement(1.0);
+        drop(admission);
+    }
+}
+
+/// Admits the connection ([`admit`]) or refuses it: its `connection:error` and
+/// close code, then a short wait for the client's close; `None` if refused.
+async fn admit_or_refuse<'e>(
+    edge: &'e Edge,
+    query: &str,
+    origin: Option<&str>,
+    out: &mut Writer,
+    reader: &mut ClientReader<ReadSide>,
+) -> Option<(ConnectRequest, Claims, Admission<'e>)> {
+    match admit(edge, query, origin).await {
+        Ok(admitted) => Some(admitted),
         Err((session_id, refusal)) => {
             out.session_id = session_id;
             metrics::counter!("pollcast_edge_refused_total", "code" => refusal.code()).increment(1);
-            if Box::pin(out.close(&refusal)).await.is_ok() {
-                linger(&mut reader).await;
+            if out.close(&refusal).await.is_ok() {
+                linger(reader).await;
             }
-        }
-        Ok((request, claims, admission)) => {
-            out.session_id = request.session_id;
-            metrics::gauge!("pollcast_ws_connections").increment(1.0);
-            run(&edge, out, live, request, claims, &mut reader).await;
-            metrics::gauge!("pollcast_ws_connections").decrement(1.0);
-            drop(admission);
+            None
         }
     }
 }
@@ -193,16 +225,19 @@ enum End {
     Shutdown,
 }
 
-async fn run<R: AsyncRead + Unpin>(
-    edge: &Edge,
+/// Runs an admitted connection until it ends. Not an `async fn`, for the
+/// future's size (see [`serve`]).
+fn run<'a, R: AsyncRead + Unpin>(
+    edge: &'a Edge,
     out: Writer,
     live: Backlog,
     request: ConnectRequest,
     claims: Claims,
-    reader: &mut ClientReader<R>,
-) {
+    reader: &'a mut ClientReader<R>,
+) -> impl Future<Output = ()> + 'a {
     let connection_id = Uuid::now_v7();
     let session_id = request.session_id;
+    let resume_from = request.last_event_id;
     let member = Member {
         presenter: claims.role == Role::Presenter,
         participant: claims.participant_id,
@@ -217,34 +252,36 @@ async fn run<R: AsyncRead + Unpin>(
         connection_id,
         live,
     };
-    if let Err(err) = edge
-        .inner
-        .rooms
-        .join(session_id, connection_id, member)
-        .await
-    {
-        let _ = Box::pin(connection.out.close(&err.into())).await;
-        return;
-    }
-    connection.presence(PresenceKind::Connected).await;
-    let end = connection.serve(request.last_event_id, reader).await;
-    // From here on only this task writes: the room must not slip an event in
-    // between the last frames and the close.
-    connection.out.outlet.set_direct(false).await;
-    let closed = match end {
-        End::Gone => false,
-        End::Close(close) => Box::pin(connection.out.close(&close)).await.is_ok(),
-        End::Shutdown => {
-            Box::pin(connection.flush_queue()).await;
-            Box::pin(connection.out.close(&CloseReason::GoingAway))
-                .await
-                .is_ok()
+    async move {
+        if let Err(err) = edge
+            .inner
+            .rooms
+            .join(session_id, connection_id, member)
+            .await
+        {
+            let _ = Box::pin(connection.out.close(&err.into())).await;
+            return;
         }
-    };
-    edge.inner.rooms.leave(session_id, connection_id).await;
-    connection.presence(PresenceKind::Disconnected).await;
-    if closed {
-        linger(reader).await;
+        connection.presence(PresenceKind::Connected).await;
+        let end = connection.serve(resume_from, reader).await;
+        // From here on only this task writes: the room must not slip an event in
+        // between the last frames and the close.
+        connection.out.outlet.set_direct(false).await;
+        let closed = match end {
+            End::Gone => false,
+            End::Close(close) => Box::pin(connection.out.close(&close)).await.is_ok(),
+            End::Shutdown => {
+                Box::pin(connection.flush_queue()).await;
+                Box::pin(connection.out.close(&CloseReason::GoingAway))
+                    .await
+                    .is_ok()
+            }
+        };
+        edge.inner.rooms.leave(session_id, connection_id).await;
+        connection.presence(PresenceKind::Disconnected).await;
+        if closed {
+            linger(reader).await;
+        }
     }
 }
 

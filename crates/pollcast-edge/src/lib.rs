@@ -174,18 +174,15 @@ async fn upgrade(
         .get(header::ORIGIN)
         .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned());
     tokio::spawn(async move {
-        match socket.await {
-            Ok(ws) => {
-                connection::serve(
-                    edge,
-                    connection::halves(ws),
-                    query.unwrap_or_default(),
-                    origin,
-                )
-                .await;
+        // A temporary, so the task's future does not keep its slot.
+        let socket = match socket.await {
+            Ok(ws) => connection::halves(ws),
+            Err(err) => {
+                tracing::debug!(error = %err, "upgrade did not complete");
+                return;
             }
-            Err(err) => tracing::debug!(error = %err, "upgrade did not complete"),
-        }
+        };
+        connection::serve(edge, socket, query.unwrap_or_default(), origin).await;
     });
     response.into_response()
 }
