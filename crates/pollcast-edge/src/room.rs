@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use futures::FutureExt;
 use pollcast_protocol::{Audience, SessionEvent, WireFormat};
 use pollcast_stream::{EventStream, StreamError, Subscription};
 use tokio::sync::Notify;
@@ -206,7 +207,9 @@ async fn run(room: Arc<Room>, mut live: Subscription, stream: Arc<dyn EventStrea
                 let mut burst = vec![event];
                 // The events already waiting go with it.
                 while burst.len() < BURST {
-                    match ready_now(live.next()) {
+                    // The subscription's `next` is cancel-safe (the `select!`
+                    // above drops it too), so one not ready is simply dropped.
+                    match live.next().now_or_never() {
                         Some(Ok(next)) if next.position == last + 1 => {
                             last = next.position;
                             burst.push(next);
@@ -245,18 +248,6 @@ async fn run(room: Arc<Room>, mut live: Subscription, stream: Arc<dyn EventStrea
         } else {
             None
         };
-    }
-}
-
-/// The future's output if it is ready without waiting. The subscription's
-/// `next` is cancel-safe (the room's `select!` drops it too), so a pending one is
-/// simply dropped.
-fn ready_now<F: std::future::Future>(future: F) -> Option<F::Output> {
-    let mut future = std::pin::pin!(future);
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    match future.as_mut().poll(&mut cx) {
-        std::task::Poll::Ready(output) => Some(output),
-        std::task::Poll::Pending => None,
     }
 }
 
