@@ -62,6 +62,13 @@ pub async fn connect(url: &str, store: StoreOptions) -> Result<DatabaseConnectio
         .connect_timeout(Duration::from_secs(5))
         .acquire_timeout(Duration::from_secs(10))
         .sqlx_logging(false);
+    if sqlite {
+        // sqlx pings a connection before lending it out, and SQLite's ping is a
+        // round trip to the connection's own thread: two thread wake-ups per
+        // transaction for a file that cannot hang up. sqlx still pings it when
+        // it comes back to the pool, which replaces a connection whose thread died.
+        options.test_before_acquire(false);
+    }
     let db = Database::connect(options).await?;
     if sqlite {
         // WAL lets readers of the file (backups, `sqlite3` by an operator) coexist
