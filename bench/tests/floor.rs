@@ -1,6 +1,7 @@
-//! The floor program behind `docs/benchmarks.md`, run small: every frame of
-//! every round written, every byte of them read by its child process, and the
-//! figures it prints taken from what it did.
+//! The floor programs behind `docs/benchmarks.md`, run small. The fan-out's:
+//! every frame of every round written, every byte of them read by its child
+//! process, and the figures it prints taken from what it did. The vote path's:
+//! every batch committed by both drivers, every vote stored and counted.
 
 use std::process::Command;
 
@@ -38,4 +39,36 @@ fn the_floor_writes_a_frame_to_every_socket_every_round() {
         p50 <= max && max <= figures["round_ms"]["max"].as_f64().expect("round"),
         "{figures}"
     );
+}
+
+#[test]
+fn the_vote_floor_commits_every_batch_with_both_drivers() {
+    let output = Command::new(env!("CARGO_BIN_EXE_vote-floor"))
+        .args(["--votes", "3", "--batches", "20", "--runs", "1"])
+        .output()
+        .expect("vote-floor runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "vote-floor failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let runs: Vec<Value> = stdout
+        .lines()
+        .filter(|line| line.starts_with('{'))
+        .map(|line| serde_json::from_str(line).expect("JSON"))
+        .collect();
+    let drivers: Vec<&str> = runs.iter().filter_map(|r| r["driver"].as_str()).collect();
+    assert_eq!(drivers, ["direct", "sqlx"], "{stdout}");
+    for run in &runs {
+        assert_eq!(run["votes_stored"], 60, "{run}");
+        assert_eq!(run["votes_per_batch"], 3, "{run}");
+        let cpu = run["cpu_us_per_batch"].as_f64().expect("cpu");
+        assert!((0.0..1_000_000.0).contains(&cpu), "{run}");
+        let (p50, max) = (
+            run["batch_ms"]["p50"].as_f64().expect("p50"),
+            run["batch_ms"]["max"].as_f64().expect("max"),
+        );
+        assert!(0.0 < p50 && p50 <= max, "{run}");
+    }
 }
