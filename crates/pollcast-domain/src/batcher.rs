@@ -68,7 +68,11 @@ impl<T: Send + 'static> Batcher<T> {
                 .queue()
                 .get_or_insert_with(|| {
                     let (queue, items) = mpsc::channel(QUEUE);
-                    started = Some(tokio::spawn(run(domain.clone(), job, items, queue.clone())));
+                    let task = run(domain.clone(), job, items, queue.clone());
+                    started = Some(match &domain.inner.store_thread {
+                        Some(thread) => thread.runtime().spawn(task),
+                        None => tokio::spawn(task),
+                    });
                     queue
                 })
                 .clone();
@@ -111,6 +115,10 @@ async fn run<T, F, Fut>(
     F: Fn(Domain, Vec<T>) -> Fut,
     Fut: Future<Output = ()>,
 {
+    if let Some(thread) = &domain.inner.store_thread {
+        // sqlx may have replaced its connection (and thread) since the last task.
+        thread.pin_sqlite();
+    }
     let idle: Duration = domain.inner.config.vote_batch_idle;
     loop {
         let first = match tokio::time::timeout(idle, items.recv()).await {
@@ -167,6 +175,60 @@ mod tests {
         }
     }
 
+    static RECORDING: LazyLock<Batcher<u32>> = LazyLock::new(Batcher::default);
+
+    /// The name of the thread each batch ran on, sent and received.
+    type Ran = (
+        mpsc::UnboundedSender<Option<String>>,
+        tokio::sync::Mutex<mpsc::UnboundedReceiver<Option<String>>>,
+    );
+
+    static RAN_ON: LazyLock<Ran> = LazyLock::new(|| {
+        let (ran, on) = mpsc::unbounded_channel();
+        (ran, tokio::sync::Mutex::new(on))
+    });
+
+    fn recording_job() -> Job<u32, Handle> {
+        Job {
+            batcher: |_| &RECORDING,
+            max: 16,
+            handle: |_, _| {
+                let thread = std::thread::current().name().map(str::to_owned);
+                let _ = RAN_ON.0.send(thread);
+                std::future::ready(())
+            },
+        }
+    }
+
+    /// On SQLite, batches run on the store thread, beside sqlx's SQLite thread;
+    /// without one, on the caller's runtime.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batches_run_on_the_store_thread_when_there_is_one() {
+        let mut ran_on = RAN_ON.1.lock().await;
+        let on_sqlite = crate::testing::domain().await;
+        // With one CPU there is no store thread.
+        let expected = match on_sqlite.inner.store_thread {
+            Some(_) => "pollcast-store",
+            None => "tokio-rt-worker",
+        };
+        for (domain, expected) in [
+            (on_sqlite, expected),
+            (
+                crate::testing::domain_without_store_thread().await,
+                "tokio-rt-worker",
+            ),
+        ] {
+            RECORDING.send(&domain, recording_job(), 1).await;
+            let thread = tokio::time::timeout(Duration::from_secs(10), ran_on.recv())
+                .await
+                .expect("the batch ran")
+                .expect("recorded");
+            assert_eq!(thread.as_deref(), Some(expected));
+            // The next domain's batches go to a task of its own.
+            *RECORDING.queue() = None;
+        }
+    }
+
     /// A runtime shutting down cancels every task it is given: `send` must give
     /// up rather than start one batch task after another for ever (it did, and
     /// hung a test run at 100 % CPU while its runtime was dropped).
@@ -177,7 +239,9 @@ mod tests {
             .enable_all()
             .build()
             .expect("runtime");
-        let domain = rt.block_on(crate::testing::domain());
+        // On the test's runtime: a store thread's runtime does not shut down
+        // with the caller's.
+        let domain = rt.block_on(crate::testing::domain_without_store_thread());
         rt.block_on(BATCHER.send(&domain, job(), 1));
         let handle = rt.handle().clone();
         rt.shutdown_background();

@@ -27,6 +27,7 @@ pub mod relay;
 mod results;
 pub mod retention;
 mod sessions;
+mod store_thread;
 #[cfg(test)]
 mod testing;
 mod tx;
@@ -111,6 +112,9 @@ struct Inner {
     votes: vote_batch::VoteBatches,
     /// Polls seen active, for the checks a vote makes before its batch.
     active_polls: votes::ActivePolls,
+    /// Where the batch tasks run on SQLite (see [`store_thread`]); `None` on
+    /// PostgreSQL, or with one CPU: they run on the caller's runtime.
+    store_thread: Option<store_thread::StoreThread>,
 }
 
 impl Domain {
@@ -122,8 +126,22 @@ impl Domain {
         keys: TokenKeys,
         config: DomainConfig,
     ) -> Self {
+        let store_thread = (db.get_database_backend() == sea_orm::DbBackend::Sqlite)
+            .then(store_thread::StoreThread::start)
+            .flatten();
+        Self::with_store_thread(db, stream, keys, config, store_thread)
+    }
+
+    fn with_store_thread(
+        db: DatabaseConnection,
+        stream: Arc<dyn EventStream>,
+        keys: TokenKeys,
+        config: DomainConfig,
+        store_thread: Option<store_thread::StoreThread>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
+                store_thread,
                 db,
                 stream,
                 keys,

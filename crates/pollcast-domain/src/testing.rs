@@ -25,6 +25,22 @@ pub(crate) async fn domain_with(config: DomainConfig) -> Domain {
     Domain::new(db, Arc::new(EmbeddedStream::default()), keys, config)
 }
 
+/// [`domain`] whose batch tasks run on the caller's runtime, as on PostgreSQL or
+/// with one CPU, wherever the test runs.
+pub(crate) async fn domain_without_store_thread() -> Domain {
+    let db = pollcast_store::connect("sqlite::memory:", Default::default())
+        .await
+        .expect("in-memory database");
+    let keys = TokenKeys::new(b"vote batch unit tests", Duration::from_secs(60));
+    Domain::with_store_thread(
+        db,
+        Arc::new(EmbeddedStream::default()),
+        keys,
+        DomainConfig::default(),
+        None,
+    )
+}
+
 /// A started session with an active two-option poll and `voters` joined:
 /// (presenter claims, session, poll, voters).
 pub(crate) async fn voting_session(

@@ -68,6 +68,10 @@ pub async fn connect(url: &str, store: StoreOptions) -> Result<DatabaseConnectio
         // transaction for a file that cannot hang up. sqlx still pings it when
         // it comes back to the pool, which replaces a connection whose thread died.
         options.test_before_acquire(false);
+        // One connection for the process's life: its thread is pinned beside the
+        // batch tasks' (pollcast-domain's `store_thread`), and a connection sqlx
+        // replaced after its default 30 minutes would come on a thread not pinned.
+        options.map_sqlx_sqlite_pool_opts(|pool| pool.max_lifetime(None).idle_timeout(None));
     }
     let db = Database::connect(options).await?;
     if sqlite {
