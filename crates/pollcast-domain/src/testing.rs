@@ -18,27 +18,23 @@ pub(crate) async fn domain() -> Domain {
 
 /// [`domain`] with settings of the test's own.
 pub(crate) async fn domain_with(config: DomainConfig) -> Domain {
-    let db = pollcast_store::connect("sqlite::memory:", Default::default())
-        .await
-        .expect("in-memory database");
-    let keys = TokenKeys::new(b"vote batch unit tests", Duration::from_secs(60));
-    Domain::new(db, Arc::new(EmbeddedStream::default()), keys, config)
+    let (db, stream, keys) = parts().await;
+    Domain::new(db, stream, keys, config)
 }
 
 /// [`domain`] whose batch tasks run on the caller's runtime, as on PostgreSQL or
 /// with one CPU, wherever the test runs.
 pub(crate) async fn domain_without_store_thread() -> Domain {
+    let (db, stream, keys) = parts().await;
+    Domain::with_store_thread(db, stream, keys, DomainConfig::default(), None)
+}
+
+async fn parts() -> (sea_orm::DatabaseConnection, Arc<EmbeddedStream>, TokenKeys) {
     let db = pollcast_store::connect("sqlite::memory:", Default::default())
         .await
         .expect("in-memory database");
     let keys = TokenKeys::new(b"vote batch unit tests", Duration::from_secs(60));
-    Domain::with_store_thread(
-        db,
-        Arc::new(EmbeddedStream::default()),
-        keys,
-        DomainConfig::default(),
-        None,
-    )
+    (db, Arc::new(EmbeddedStream::default()), keys)
 }
 
 /// A started session with an active two-option poll and `voters` joined:

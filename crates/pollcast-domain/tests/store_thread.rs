@@ -9,28 +9,10 @@ use std::time::Duration;
 use pollcast_domain::{Domain, DomainConfig, TokenKeys};
 use pollcast_stream::EmbeddedStream;
 
-/// (name, allowed CPUs) of every thread of this process, from /proc.
-fn threads() -> Vec<(String, String)> {
-    std::fs::read_dir("/proc/self/task")
-        .expect("/proc/self/task")
-        .map(|task| {
-            let path = task.expect("task").path();
-            let name = std::fs::read_to_string(path.join("comm")).expect("comm");
-            let status = std::fs::read_to_string(path.join("status")).expect("status");
-            let cpus = status
-                .lines()
-                .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
-                .expect("Cpus_allowed_list")
-                .trim()
-                .to_owned();
-            (name.trim().to_owned(), cpus)
-        })
-        .collect()
-}
-
-fn allowed_cpus() -> String {
-    let status = std::fs::read_to_string("/proc/self/status").expect("status");
-    status
+/// The CPUs a `status` file of /proc says its process or thread may use.
+fn cpus_allowed(status: &std::path::Path) -> String {
+    std::fs::read_to_string(status)
+        .expect("status")
         .lines()
         .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
         .expect("Cpus_allowed_list")
@@ -38,9 +20,21 @@ fn allowed_cpus() -> String {
         .to_owned()
 }
 
+/// (name, allowed CPUs) of every thread of this process.
+fn threads() -> Vec<(String, String)> {
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .map(|task| {
+            let path = task.expect("task").path();
+            let name = std::fs::read_to_string(path.join("comm")).expect("comm");
+            (name.trim().to_owned(), cpus_allowed(&path.join("status")))
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlites_thread_is_pinned_beside_the_batch_tasks_thread() {
-    let process = allowed_cpus();
+    let process = cpus_allowed(std::path::Path::new("/proc/self/status"));
     let db = pollcast_store::connect("sqlite::memory:", Default::default())
         .await
         .expect("in-memory database");
