@@ -90,6 +90,11 @@ impl Api {
     pub fn new(base: String) -> Self {
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(256)
+            // Let go of an idle connection before the server does: it closes
+            // kept-alive connections idle for 10 s (`--header-read-timeout-ms`),
+            // and a request sent as that close arrives fails (hyper's
+            // `IncompleteMessage`; seen once in six load-generator runs).
+            .pool_idle_timeout(std::time::Duration::from_secs(5))
             .build()
             .expect("http client");
         Self { base, http }
