@@ -119,7 +119,9 @@ struct Inner {
 
 impl Domain {
     /// Domain services over a migrated database and an event stream. Events reach
-    /// the stream once a [`relay::Relay`] built by [`Domain::relay`] runs.
+    /// the stream once a [`relay::Relay`] built by [`Domain::relay`] runs. On
+    /// SQLite, with two CPUs or more, this starts the batch tasks' own thread
+    /// and pins sqlx's SQLite thread beside it (see `store_thread.rs`).
     pub fn new(
         db: DatabaseConnection,
         stream: Arc<dyn EventStream>,
