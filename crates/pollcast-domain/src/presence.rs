@@ -33,14 +33,14 @@ use pollcast_protocol::{DomainEvent, PresenceKind, PresenceSignal};
 use pollcast_store::{connection, participant};
 use sea_orm::sea_query::{CaseStatement, Expr, OnConflict};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, Condition, EntityTrait, QueryFilter, QuerySelect,
-    TransactionTrait,
+    ActiveValue::Set, ColumnTrait, Condition, EntityTrait, FromQueryResult, QueryFilter,
+    QueryResult, QuerySelect, QueryTrait, TransactionTrait,
 };
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::tx::SessionsTx;
-use crate::{Domain, DomainResult};
+use crate::tx::{SessionsTx, tuples};
+use crate::{Domain, DomainError, DomainResult};
 
 /// Most signals applied in one transaction.
 const MAX_SIGNALS: usize = 512;
@@ -370,15 +370,43 @@ fn padded<T: Clone>(mut rows: Vec<T>) -> Vec<T> {
 ///   and emits `participant:disconnected`. A close of a connection with no row
 ///   (its open is late) leaves a tombstone, so it never opens.
 async fn write_changes(domain: &Domain, changes: &[Change]) -> DomainResult<()> {
-    let mut tx = SessionsTx::begin(domain, changes.iter().map(|c| c.session)).await?;
-    let mut conns: HashMap<Uuid, Conn> = connection::Entity::find()
-        .filter(
-            connection::Column::Id.is_in(padded(changes.iter().map(|c| c.connection).collect())),
-        )
-        .all(&tx.txn)
-        .await?
-        .into_iter()
+    let participants: HashSet<Uuid> = changes.iter().map(|c| c.participant).collect();
+    let participants = padded(participants.into_iter().collect());
+    // Read with the lock, in one round trip on SQLite (see `SessionsTx`).
+    let reads = vec![
+        connection::Entity::find()
+            .filter(
+                connection::Column::Id
+                    .is_in(padded(changes.iter().map(|c| c.connection).collect())),
+            )
+            .into_query(),
+        connection::Entity::find()
+            .select_only()
+            .column(connection::Column::ParticipantId)
+            .column_as(connection::Column::Id.count(), "open")
+            .filter(connection::Column::ParticipantId.is_in(participants.iter().copied()))
+            .filter(connection::Column::Open.eq(true))
+            .group_by(connection::Column::ParticipantId)
+            .into_query(),
+        participant::Entity::find()
+            .select_only()
+            .columns([
+                participant::Column::Id,
+                participant::Column::DisplayName,
+                participant::Column::Connected,
+                participant::Column::LastSeenAt,
+            ])
+            .filter(participant::Column::Id.is_in(participants))
+            .into_query(),
+    ];
+    let (mut tx, read) =
+        SessionsTx::begin(domain, changes.iter().map(|c| c.session), reads).await?;
+    let [conns, open, people] = <[Vec<QueryResult>; 3]>::try_from(read)
+        .map_err(|_| DomainError::Internal("a read missing".into()))?;
+    let mut conns: HashMap<Uuid, Conn> = conns
+        .iter()
         .map(|row| {
+            let row = connection::Model::from_query_result(row, "")?;
             let conn = Conn {
                 session: row.session_id,
                 participant: row.participant_id,
@@ -386,35 +414,11 @@ async fn write_changes(domain: &Domain, changes: &[Change]) -> DomainResult<()> 
                 seen_at: row.seen_at,
                 new: false,
             };
-            (row.id, conn)
+            Ok((row.id, conn))
         })
-        .collect();
-    let participants: HashSet<Uuid> = changes.iter().map(|c| c.participant).collect();
-    let participants = padded(participants.into_iter().collect());
-    let open: HashMap<Uuid, i64> = connection::Entity::find()
-        .select_only()
-        .column(connection::Column::ParticipantId)
-        .column_as(connection::Column::Id.count(), "open")
-        .filter(connection::Column::ParticipantId.is_in(participants.iter().copied()))
-        .filter(connection::Column::Open.eq(true))
-        .group_by(connection::Column::ParticipantId)
-        .into_tuple::<(Uuid, i64)>()
-        .all(&tx.txn)
-        .await?
-        .into_iter()
-        .collect();
-    let mut people: HashMap<Uuid, Person> = participant::Entity::find()
-        .select_only()
-        .columns([
-            participant::Column::Id,
-            participant::Column::DisplayName,
-            participant::Column::Connected,
-            participant::Column::LastSeenAt,
-        ])
-        .filter(participant::Column::Id.is_in(participants))
-        .into_tuple::<(Uuid, String, bool, DateTime<Utc>)>()
-        .all(&tx.txn)
-        .await?
+        .collect::<DomainResult<_>>()?;
+    let open: HashMap<Uuid, i64> = tuples(open)?.into_iter().collect();
+    let mut people: HashMap<Uuid, Person> = tuples::<(Uuid, String, bool, DateTime<Utc>)>(people)?
         .into_iter()
         .map(|(id, display_name, connected, last_seen_at)| {
             let person = Person {

@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 use pollcast_protocol::{DomainEvent, OptionResult, Poll, PollStatus, Results};
 use pollcast_store::{option_tally, outbox, poll, vote};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    sea_query::{Expr, ExprTrait},
+    ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
+    QueryResult, QuerySelect, QueryTrait,
+    sea_query::{Expr, ExprTrait, SelectStatement},
 };
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -48,21 +49,41 @@ async fn tallies<C: ConnectionTrait>(
     if polls.is_empty() {
         return Ok(Vec::new());
     }
-    let counts: HashMap<(Uuid, Uuid), i64> = option_tally::Entity::find()
+    let counts = conn
+        .query_all(&counts_query(polls.iter().map(|(row, _)| row.id)))
+        .await?;
+    Ok(results_of(polls, &counts_of(&counts)?))
+}
+
+/// The read of the per-option counts kept for `polls`.
+fn counts_query(polls: impl IntoIterator<Item = Uuid>) -> SelectStatement {
+    option_tally::Entity::find()
         .select_only()
         .columns([
             option_tally::Column::PollId,
             option_tally::Column::OptionId,
             option_tally::Column::Votes,
         ])
-        .filter(option_tally::Column::PollId.is_in(polls.iter().map(|(row, _)| row.id)))
-        .into_tuple::<(Uuid, Uuid, i64)>()
-        .all(conn)
-        .await?
-        .into_iter()
-        .map(|(poll_id, option_id, votes)| ((poll_id, option_id), votes))
-        .collect();
-    Ok(polls
+        .filter(option_tally::Column::PollId.is_in(polls))
+        .into_query()
+}
+
+/// The rows of [`counts_query`], by (poll, option).
+fn counts_of(rows: &[QueryResult]) -> DomainResult<HashMap<(Uuid, Uuid), i64>> {
+    let mut counts = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let (poll_id, option_id, votes) = row.try_get_many_by_index::<(Uuid, Uuid, i64)>()?;
+        counts.insert((poll_id, option_id), votes);
+    }
+    Ok(counts)
+}
+
+/// Each poll's results from its row's total and the per-option `counts`.
+fn results_of(
+    polls: &[(&poll::Model, &Poll)],
+    counts: &HashMap<(Uuid, Uuid), i64>,
+) -> Vec<Results> {
+    polls
         .iter()
         .map(|(row, poll)| Results {
             poll_id: poll.id,
@@ -79,7 +100,7 @@ async fn tallies<C: ConnectionTrait>(
                 .collect(),
             is_final: poll.status == PollStatus::Closed,
         })
-        .collect())
+        .collect()
 }
 
 /// How often every api node audits the active polls' published tallies.
@@ -216,11 +237,27 @@ impl Domain {
     /// Commits a `results:updated` with the tally of each `(session, poll)` still
     /// active (a close already sent the final one), all in one transaction.
     async fn publish_results(&self, polls: &[(Uuid, Uuid)]) -> DomainResult<()> {
-        let mut tx = SessionsTx::begin(self, polls.iter().map(|(s, _)| *s)).await?;
-        let rows = poll::Entity::find()
-            .filter(poll::Column::Id.is_in(polls.iter().map(|(_, p)| *p)))
-            .all(&tx.txn)
-            .await?;
+        let ids = || polls.iter().map(|(_, p)| *p);
+        // The polls and their counts, read with the lock: the counts of a poll
+        // no longer active are read for nothing, which costs less than a
+        // round trip of their own.
+        let (mut tx, read) = SessionsTx::begin(
+            self,
+            polls.iter().map(|(s, _)| *s),
+            vec![
+                poll::Entity::find()
+                    .filter(poll::Column::Id.is_in(ids()))
+                    .into_query(),
+                counts_query(ids()),
+            ],
+        )
+        .await?;
+        let [rows, counts] = <[Vec<QueryResult>; 2]>::try_from(read)
+            .map_err(|_| DomainError::Internal("a read missing".into()))?;
+        let rows = rows
+            .iter()
+            .map(|row| poll::Model::from_query_result(row, ""))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut active = Vec::with_capacity(rows.len());
         for row in &rows {
             let poll = convert::poll(row)?;
@@ -230,7 +267,8 @@ impl Domain {
         }
         let pairs: Vec<(&poll::Model, &Poll)> =
             active.iter().map(|(row, poll)| (*row, poll)).collect();
-        for (results, (row, _)) in tallies(&tx.txn, &pairs).await?.into_iter().zip(&active) {
+        let counts = counts_of(&counts)?;
+        for (results, (row, _)) in results_of(&pairs, &counts).into_iter().zip(&active) {
             tx.emit(row.session_id, DomainEvent::ResultsUpdated { results });
         }
         tx.commit(self).await

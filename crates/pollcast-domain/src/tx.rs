@@ -10,10 +10,11 @@ use pollcast_protocol::{DomainEvent, SessionStatus, Timestamp};
 use pollcast_store::{outbox, session};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use sea_orm::sea_query::{CaseStatement, Expr, ExprTrait};
+use sea_orm::sea_query::{CaseStatement, Expr, ExprTrait, Query, SelectStatement};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait,
-    QueryFilter, QueryOrder, QuerySelect, QueryTrait, Statement, TransactionTrait, Values,
+    FromQueryResult, Iterable, QueryFilter, QueryOrder, QueryResult, QuerySelect, QueryTrait,
+    Statement, TransactionTrait, TryGetableMany, Values,
 };
 use uuid::Uuid;
 
@@ -172,29 +173,67 @@ impl SessionsTx {
     /// SQLite has one writer, whose lock the first write takes, so there the
     /// statement is the same no-op `UPDATE` as [`SessionTx`]'s. A [`SessionTx`]
     /// locks only one row.
-    pub async fn begin(domain: &Domain, ids: impl IntoIterator<Item = Uuid>) -> DomainResult<Self> {
+    ///
+    /// Then it runs `reads` under the lock and returns each one's rows, in the
+    /// order of `reads`. On SQLite the lock and the reads go as one command, as
+    /// [`Writes`] do: sqlx runs each command on its SQLite thread, and a round
+    /// trip there and back cost a vote batch more than its reads did. The rows
+    /// of all statements of one command come back as one list, so each read's
+    /// rows carry its number in a column of their own ([`READ`]), after the
+    /// columns asked for.
+    pub async fn begin(
+        domain: &Domain,
+        ids: impl IntoIterator<Item = Uuid>,
+        reads: Vec<SelectStatement>,
+    ) -> DomainResult<(Self, Vec<Vec<QueryResult>>)> {
         let ids: BTreeSet<Uuid> = ids.into_iter().collect();
         let txn = domain.db().begin().await?;
-        let rows = if txn.get_database_backend() == DbBackend::Postgres {
-            session::Entity::find()
+        let backend = txn.get_database_backend();
+        let mut read: Vec<Vec<QueryResult>> =
+            std::iter::repeat_with(Vec::new).take(reads.len()).collect();
+        let sessions = if backend == DbBackend::Postgres {
+            let rows = session::Entity::find()
                 .filter(session::Column::Id.is_in(ids))
                 .order_by_asc(session::Column::Id)
                 .lock_exclusive()
                 .all(&txn)
-                .await?
+                .await?;
+            for (rows, statement) in read.iter_mut().zip(&reads) {
+                *rows = txn.query_all(statement).await?;
+            }
+            rows
         } else {
-            lock_statement()
+            let mut lock = lock_statement()
                 .filter(session::Column::Id.is_in(ids))
-                .exec_with_returning(&txn)
-                .await?
+                .into_query();
+            lock.returning(Query::returning().columns(session::Column::iter()));
+            let mut statements = vec![backend.build(&lock)];
+            for (n, mut statement) in (0_i64..).zip(reads) {
+                statements.push(backend.build(statement.expr_as(Expr::val(n), READ)));
+            }
+            let mut sessions = Vec::new();
+            for row in txn.query_all_raw(one_command(statements)).await? {
+                // The lock's rows are the ones without a read's number.
+                match row.try_get_nullable::<i64>("", READ) {
+                    Ok(n) => read
+                        .get_mut(usize::try_from(n).unwrap_or(usize::MAX))
+                        .ok_or_else(|| DomainError::Internal(format!("no read {n}")))?
+                        .push(row),
+                    Err(_) => sessions.push(session::Model::from_query_result(&row, "")?),
+                }
+            }
+            sessions
         };
-        Ok(Self {
-            writes: Writes::new(&txn),
-            txn,
-            sessions: rows.into_iter().map(|row| (row.id, row)).collect(),
-            now: Timestamp::now(),
-            events: BTreeMap::new(),
-        })
+        Ok((
+            Self {
+                writes: Writes::new(&txn),
+                txn,
+                sessions: sessions.into_iter().map(|row| (row.id, row)).collect(),
+                now: Timestamp::now(),
+                events: BTreeMap::new(),
+            },
+            read,
+        ))
     }
 
     /// Records an event of `session_id` (one of the locked sessions) that this
@@ -297,20 +336,37 @@ impl Writes {
             }
             return Ok(());
         }
-        let mut sql = String::new();
-        let mut values = Vec::new();
-        for statement in self.statements {
-            sql.push_str(&statement.sql);
-            sql.push_str(";\n");
-            values.extend(statement.values.map(|v| v.0).unwrap_or_default());
-        }
-        txn.execute_raw(Statement {
-            sql,
-            values: Some(Values(values)),
-            db_backend: DbBackend::Sqlite,
-        })
-        .await?;
+        txn.execute_raw(one_command(self.statements)).await?;
         Ok(())
+    }
+}
+
+/// Each row as a tuple of its first columns (a read of
+/// [`SessionsTx::begin`] has its number after them).
+pub(crate) fn tuples<T: TryGetableMany>(rows: Vec<QueryResult>) -> DomainResult<Vec<T>> {
+    Ok(rows
+        .iter()
+        .map(QueryResult::try_get_many_by_index)
+        .collect::<Result<_, _>>()?)
+}
+
+/// The column in which [`SessionsTx::begin`] numbers each read's rows.
+const READ: &str = "pollcast_read";
+
+/// SQLite statements as one command: sqlx binds the values statement after
+/// statement, in order, and stops at the first error.
+fn one_command(statements: Vec<Statement>) -> Statement {
+    let mut sql = String::new();
+    let mut values = Vec::new();
+    for statement in statements {
+        sql.push_str(&statement.sql);
+        sql.push_str(";\n");
+        values.extend(statement.values.map(|v| v.0).unwrap_or_default());
+    }
+    Statement {
+        sql,
+        values: Some(Values(values)),
+        db_backend: DbBackend::Sqlite,
     }
 }
 
@@ -339,6 +395,47 @@ mod tests {
                 Expr::col(session::Column::PollCount).mul(times).add(plus),
             )
             .filter(session::Column::Id.eq(session_id))
+    }
+
+    /// The lock's rows and each read's, told apart in the one command SQLite
+    /// gets: a read with no rows between two with rows, a session that does
+    /// not exist.
+    #[tokio::test]
+    async fn each_read_under_the_lock_gets_its_own_rows() {
+        let domain = domain().await;
+        let mut ids = Vec::new();
+        for title in ["A", "B", "C"] {
+            let created = domain.create_session(None, title).await.expect("session");
+            ids.push(created.session.id);
+        }
+        let titles = |wanted: &[Uuid]| {
+            Query::select()
+                .column(session::Column::Title)
+                .from(session::Entity)
+                .and_where(session::Column::Id.is_in(wanted.iter().copied()))
+                .order_by(session::Column::Title, sea_orm::Order::Asc)
+                .to_owned()
+        };
+        let (tx, read) = SessionsTx::begin(
+            &domain,
+            [ids[0], ids[1], Uuid::now_v7()],
+            vec![titles(&ids[1..]), titles(&[]), titles(&ids[..1])],
+        )
+        .await
+        .expect("begin");
+        let mut locked: Vec<&str> = tx.sessions.values().map(|s| s.title.as_str()).collect();
+        locked.sort_unstable();
+        assert_eq!(locked, ["A", "B"]);
+        let read: Vec<Vec<String>> = read
+            .iter()
+            .map(|rows| {
+                rows.iter()
+                    .map(|row| row.try_get_by_index(0).expect("a title"))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(read, [vec!["B", "C"], vec![], vec!["A"]]);
+        tx.commit(&domain).await.expect("commit");
     }
 
     #[tokio::test]

@@ -26,15 +26,13 @@
 use pollcast_protocol::{DomainEvent, PollStatus, Timestamp, Vote};
 use pollcast_store::{idempotency_key, option_tally, participant, poll, vote, vote_choice};
 use sea_orm::sea_query::{Alias, CaseStatement, Expr, ExprTrait, OnConflict};
-use sea_orm::{
-    ActiveValue::Set, ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QuerySelect,
-};
+use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QuerySelect, QueryTrait};
 use std::collections::{HashMap, HashSet};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::batcher::{Batcher, Job};
-use crate::tx::SessionsTx;
+use crate::tx::{SessionsTx, tuples};
 use crate::votes::StoredAnswer;
 use crate::{Domain, DomainError, DomainResult, VoteRejection};
 
@@ -147,58 +145,78 @@ impl Domain {
     /// last word: a vote it refuses fails the batch, whose ballots are then
     /// decided alone.
     async fn write_batch(&self, ballots: &[Ballot]) -> DomainResult<BatchOutcome> {
-        let mut tx = SessionsTx::begin(self, ballots.iter().map(|b| b.session_id)).await?;
         let polls: HashSet<Uuid> = ballots.iter().map(|b| b.poll_id).collect();
-        // Every poll of the batch that exists, and which of them are active. A
-        // ballot's poll was read before the batch, possibly long before (see
-        // `votes::ActivePolls`); only this read decides.
-        let statuses: HashMap<Uuid, String> = poll::Entity::find()
-            .select_only()
-            .columns([poll::Column::Id, poll::Column::Status])
-            .filter(poll::Column::Id.is_in(polls))
-            .into_tuple()
-            .all(&tx.txn)
-            .await?
-            .into_iter()
+        let participants: HashSet<Uuid> = ballots.iter().map(|b| b.participant_id).collect();
+        let keys: HashSet<(Uuid, &str)> = ballots
+            .iter()
+            .filter_map(|b| Some((b.participant_id, b.key.as_deref()?)))
             .collect();
+        let mut reads = vec![
+            // Every poll of the batch that exists, and which of them are active. A
+            // ballot's poll was read before the batch, possibly long before (see
+            // `votes::ActivePolls`); only this read decides.
+            poll::Entity::find()
+                .select_only()
+                .columns([poll::Column::Id, poll::Column::Status])
+                .filter(poll::Column::Id.is_in(polls.iter().copied()))
+                .into_query(),
+            // A signed token is no proof its participant exists here (the database
+            // may have been reset under the same secret): each voter's session,
+            // compared with the ballot's. Looked up by id alone: given the session
+            // as well, SQLite's planner walks the session's index, every
+            // participant of it, instead of one primary-key probe per voter.
+            participant::Entity::find()
+                .select_only()
+                .columns([participant::Column::Id, participant::Column::SessionId])
+                .filter(participant::Column::Id.is_in(participants.iter().copied()))
+                .into_query(),
+            // Who already voted on the batch's polls; only an active poll's
+            // votes decide anything.
+            vote::Entity::find()
+                .select_only()
+                .columns([vote::Column::PollId, vote::Column::ParticipantId])
+                .filter(vote::Column::PollId.is_in(polls.iter().copied()))
+                .filter(vote::Column::ParticipantId.is_in(participants.iter().copied()))
+                .into_query(),
+        ];
+        if !keys.is_empty() {
+            // The first answers to the batch's idempotency keys.
+            reads.push(
+                idempotency_key::Entity::find()
+                    .select_only()
+                    .columns([
+                        idempotency_key::Column::ParticipantId,
+                        idempotency_key::Column::Key,
+                        idempotency_key::Column::Answer,
+                    ])
+                    .filter(idempotency_key::Column::ParticipantId.is_in(keys.iter().map(|k| k.0)))
+                    .filter(idempotency_key::Column::Key.is_in(keys.iter().map(|k| k.1)))
+                    .into_query(),
+            );
+        }
+        let (mut tx, read) =
+            SessionsTx::begin(self, ballots.iter().map(|b| b.session_id), reads).await?;
+        let mut read = read.into_iter();
+        let mut next = || read.next().unwrap_or_default();
+        let statuses: HashMap<Uuid, String> = tuples(next())?.into_iter().collect();
         let active: HashSet<Uuid> = statuses
             .iter()
             .filter(|(_, status)| status.as_str() == PollStatus::Active.as_str())
             .map(|(id, _)| *id)
             .collect();
-        // A signed token is no proof its participant exists here (the database may
-        // have been reset under the same secret): one query for the whole batch,
-        // each voter's session compared with the ballot's. Looked up by id alone:
-        // given the session as well, SQLite's planner walks the session's index,
-        // every participant of it, instead of one primary-key probe per voter.
-        let voters: HashMap<Uuid, Uuid> = participant::Entity::find()
-            .select_only()
-            .columns([participant::Column::Id, participant::Column::SessionId])
-            .filter(participant::Column::Id.is_in(ballots.iter().map(|b| b.participant_id)))
-            .into_tuple::<(Uuid, Uuid)>()
-            .all(&tx.txn)
-            .await?
-            .into_iter()
-            .collect();
-        // First answers to the batch's keys, including those given earlier in this
-        // batch (a retry queued behind its original).
-        let mut answered = stored_answers(&tx.txn, ballots).await?;
-        // Who already voted on which of the batch's active polls, then also who
-        // votes in this batch.
-        let mut voted: HashSet<(Uuid, Uuid)> = if active.is_empty() {
-            HashSet::new()
-        } else {
-            vote::Entity::find()
-                .select_only()
-                .columns([vote::Column::PollId, vote::Column::ParticipantId])
-                .filter(vote::Column::PollId.is_in(active.iter().copied()))
-                .filter(vote::Column::ParticipantId.is_in(voters.keys().copied()))
-                .into_tuple()
-                .all(&tx.txn)
-                .await?
-                .into_iter()
-                .collect()
-        };
+        let voters: HashMap<Uuid, Uuid> = tuples(next())?.into_iter().collect();
+        // Then also who votes in this batch.
+        let mut voted: HashSet<(Uuid, Uuid)> = tuples(next())?.into_iter().collect();
+        // Then also the answers given in this batch (a retry queued behind its
+        // original).
+        let mut answered = HashMap::new();
+        for (participant_id, key, answer) in tuples::<(Uuid, String, String)>(next())? {
+            // The IN lists match every pairing; keep the pairs asked for.
+            if keys.contains(&(participant_id, key.as_str())) {
+                let answer: StoredAnswer = serde_json::from_str(&answer)?;
+                answered.insert((participant_id, key), answer);
+            }
+        }
         let mut rows = Rows::default();
         let mut outcomes = Vec::with_capacity(ballots.len());
         let mut accepted_polls = HashSet::new();
@@ -416,35 +434,6 @@ impl Rows {
             );
         }
     }
-}
-
-/// The stored first answers to the keys the batch's ballots carry, by
-/// (participant, key), read with one query.
-async fn stored_answers(
-    txn: &DatabaseTransaction,
-    ballots: &[Ballot],
-) -> DomainResult<HashMap<(Uuid, String), StoredAnswer>> {
-    let wanted: HashSet<(Uuid, &str)> = ballots
-        .iter()
-        .filter_map(|b| Some((b.participant_id, b.key.as_deref()?)))
-        .collect();
-    if wanted.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let rows = idempotency_key::Entity::find()
-        .filter(idempotency_key::Column::ParticipantId.is_in(wanted.iter().map(|w| w.0)))
-        .filter(idempotency_key::Column::Key.is_in(wanted.iter().map(|w| w.1)))
-        .all(txn)
-        .await?;
-    let mut found = HashMap::new();
-    for row in rows {
-        // The IN lists match every pairing; keep the pairs asked for.
-        if wanted.contains(&(row.participant_id, row.key.as_str())) {
-            let answer: StoredAnswer = serde_json::from_str(&row.answer)?;
-            found.insert((row.participant_id, row.key), answer);
-        }
-    }
-    Ok(found)
 }
 
 /// The answer for every ballot of a failed batch.
