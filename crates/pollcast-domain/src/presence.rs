@@ -39,7 +39,7 @@ use sea_orm::{
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::tx::{SessionsTx, tuples};
+use crate::tx::{SessionsTx, padded, tuples};
 use crate::{Domain, DomainError, DomainResult};
 
 /// Most signals applied in one transaction.
@@ -341,23 +341,6 @@ const ROWS_PER_STATEMENT: usize = 512;
 /// so a statement costs the square of its rows. In SQLite a row cost 21 µs at
 /// 512 rows per statement and 8 µs at 128.
 const ROWS_PER_CASE: usize = 128;
-
-/// `rows` padded to the next power of two with copies of its last row.
-///
-/// Each distinct row count is a distinct SQL text, which the driver prepares and
-/// keeps per connection (sqlx caches 100): batches of every size from 1 to 512
-/// filled SQLite's memory with large statements that were seldom used twice
-/// (4.6 MiB more at 10 000 connections), each prepared anew. Padded, a statement
-/// has at most ten shapes, each prepared once. A repeated row changes nothing
-/// in any statement here: a repeated `IN` member selects nothing more, a
-/// repeated `WHEN` is never reached, and a repeated insert meets its twin's row
-/// and does nothing.
-fn padded<T: Clone>(mut rows: Vec<T>) -> Vec<T> {
-    if let Some(last) = rows.last().cloned() {
-        rows.resize(rows.len().next_power_of_two(), last);
-    }
-    rows
-}
 
 /// Writes opens and closes, in order, in one transaction under their sessions'
 /// locks, with a constant number of statements however many there are: what

@@ -32,7 +32,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::batcher::{Batcher, Job};
-use crate::tx::{SessionsTx, tuples};
+use crate::tx::{SessionsTx, padded, tuples};
 use crate::votes::StoredAnswer;
 use crate::{Domain, DomainError, DomainResult, VoteRejection};
 
@@ -145,8 +145,10 @@ impl Domain {
     /// last word: a vote it refuses fails the batch, whose ballots are then
     /// decided alone.
     async fn write_batch(&self, ballots: &[Ballot]) -> DomainResult<BatchOutcome> {
-        let polls: HashSet<Uuid> = ballots.iter().map(|b| b.poll_id).collect();
-        let participants: HashSet<Uuid> = ballots.iter().map(|b| b.participant_id).collect();
+        // Padded (see `tx::padded`): the reads go as one command, whose text
+        // would otherwise differ with every count of polls and voters.
+        let polls: Vec<Uuid> = padded(unique(ballots.iter().map(|b| b.poll_id)));
+        let participants: Vec<Uuid> = padded(unique(ballots.iter().map(|b| b.participant_id)));
         let keys: HashSet<(Uuid, &str)> = ballots
             .iter()
             .filter_map(|b| Some((b.participant_id, b.key.as_deref()?)))
@@ -189,8 +191,14 @@ impl Domain {
                         idempotency_key::Column::Key,
                         idempotency_key::Column::Answer,
                     ])
-                    .filter(idempotency_key::Column::ParticipantId.is_in(keys.iter().map(|k| k.0)))
-                    .filter(idempotency_key::Column::Key.is_in(keys.iter().map(|k| k.1)))
+                    .filter(
+                        idempotency_key::Column::ParticipantId
+                            .is_in(padded(keys.iter().map(|k| k.0).collect())),
+                    )
+                    .filter(
+                        idempotency_key::Column::Key
+                            .is_in(padded(keys.iter().map(|k| k.1).collect())),
+                    )
                     .into_query(),
             );
         }
@@ -434,6 +442,12 @@ impl Rows {
             );
         }
     }
+}
+
+/// The distinct items, in the order first seen.
+fn unique<T: Copy + Eq + std::hash::Hash>(items: impl Iterator<Item = T>) -> Vec<T> {
+    let mut seen = HashSet::new();
+    items.filter(|item| seen.insert(*item)).collect()
 }
 
 /// The answer for every ballot of a failed batch.
