@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::batcher::{Batcher, Job};
-use crate::tx::SessionsTx;
+use crate::tx::{SessionsTx, padded};
 use crate::{Claims, Domain, DomainError, DomainResult, convert};
 
 /// The poll's tally as the connection sees it: the total kept on its row and the
@@ -237,7 +237,9 @@ impl Domain {
     /// Commits a `results:updated` with the tally of each `(session, poll)` still
     /// active (a close already sent the final one), all in one transaction.
     async fn publish_results(&self, polls: &[(Uuid, Uuid)]) -> DomainResult<()> {
-        let ids = || polls.iter().map(|(_, p)| *p);
+        // Padded, as the lock's list is (see `tx::padded`).
+        let ids = padded(polls.iter().map(|(_, p)| *p).collect());
+        let ids = || ids.iter().copied();
         // The polls and their counts, read with the lock: the counts of a poll
         // no longer active are read for nothing, which costs less than a
         // round trip of their own.
