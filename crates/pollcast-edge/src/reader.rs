@@ -213,8 +213,15 @@ impl<R> ClientReader<R> {
         let frame_len = start + len;
         match opcode {
             OpCode::Close => {
-                // The client's close is echoed; then the reading is over.
+                // The client's close is echoed; then the reading is over. A close
+                // without a code is answered with 1000, a clean close: an empty
+                // echo would leave the client with no code at all (RFC 6455
+                // reports it as 1005).
                 match close_frame(payload) {
+                    Ok(()) if payload.is_empty() => Step::End(Inbound::Control(
+                        OpCode::Close,
+                        1000u16.to_be_bytes().to_vec(),
+                    )),
                     Ok(()) => Step::End(Inbound::Control(OpCode::Close, payload.to_vec())),
                     Err(report) => Step::End(report),
                 }
@@ -421,6 +428,23 @@ mod tests {
         for step in [1, 2, 3, 7, 64, 4096] {
             assert_eq!(reports(bytes.clone(), step).await, expected, "step {step}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_close_without_a_code_is_answered_with_1000() {
+        assert_eq!(
+            reports(frame(0x88, b"", true), 1).await[..1],
+            [Inbound::Control(
+                OpCode::Close,
+                1000u16.to_be_bytes().to_vec()
+            )]
+        );
+        // One with a code is echoed as it came.
+        let reason = [&4000u16.to_be_bytes()[..], b"bye"].concat();
+        assert_eq!(
+            reports(frame(0x88, &reason, true), 1).await[..1],
+            [Inbound::Control(OpCode::Close, reason.clone())]
+        );
     }
 
     #[tokio::test]
