@@ -4,33 +4,67 @@
 //! and poll state machines. Longer, coverage-guided runs: `fuzz/` and
 //! `docs/operations.md`.
 
-use std::sync::Once;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use pollcast_tests::ws::{Format, RawClient, client_frame, query};
 use pollcast_tests::{Backend, TestServer};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
-/// Panics anywhere in this process, counted, so a panic inside a server task
+/// Panics so far on the threads named `threads`, so a panic inside a server task
 /// (which tokio catches and the client only sees as a dropped socket) fails the
-/// property that caused it.
-fn panics() -> &'static AtomicUsize {
-    static COUNT: AtomicUsize = AtomicUsize::new(0);
-    static HOOK: Once = Once::new();
-    HOOK.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            COUNT.fetch_add(1, Ordering::SeqCst);
-            previous(info);
-        }));
-    });
-    &COUNT
+/// property that caused it. Counted by thread name: each test's server runs on a
+/// [`runtime`] of its own name, so another test's failing assertion (a panic on
+/// that test's thread) is never taken for this server's.
+fn panics_on(threads: &str) -> usize {
+    panic_counts()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(threads)
+        .copied()
+        .unwrap_or(0)
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+/// The counts behind [`panics_on`]; the first call installs the hook.
+fn panic_counts() -> &'static Mutex<HashMap<String, usize>> {
+    static COUNTS: OnceLock<Mutex<HashMap<String, usize>>> = OnceLock::new();
+    COUNTS.get_or_init(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if let Some(name) = std::thread::current().name() {
+                *panic_counts()
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .entry(name.to_owned())
+                    .or_default() += 1;
+            }
+            previous(info);
+        }));
+        Mutex::default()
+    })
+}
+
+/// A panic in a task on a test's runtime counts against that runtime's name
+/// only: what the two fuzzing tests rely on to tell a server's panic from
+/// another test's failure.
+#[test]
+fn a_panic_counts_against_the_runtime_it_happened_on() {
+    let rt = runtime("panicking-runtime");
+    let before = (panics_on("panicking-runtime"), panics_on("quiet-runtime"));
+    let joined = rt.block_on(rt.spawn(async { panic!("on purpose") }));
+    assert!(joined.is_err_and(|e| e.is_panic()));
+    assert_eq!(panics_on("panicking-runtime"), before.0 + 1);
+    assert_eq!(panics_on("quiet-runtime"), before.1);
+}
+
+/// A runtime for a test's server whose threads (workers and blocking pool) are
+/// all named `threads`.
+fn runtime(threads: &str) -> tokio::runtime::Runtime {
+    panic_counts();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_name(threads)
         .enable_all()
         .build()
         .expect("runtime")
@@ -114,8 +148,8 @@ fn piece() -> impl Strategy<Value = Piece> {
 /// keeps its connection until it closes it; and the server serves the next client.
 #[test]
 fn any_client_frames_end_in_a_close_frame_the_protocol_names() {
-    let panics = panics();
-    let rt = runtime();
+    const THREADS: &str = "fuzzed-frames-server";
+    let rt = runtime(THREADS);
     let t = rt.block_on(TestServer::start(Backend::Sqlite));
     let p = rt.block_on(async {
         let p = t.api.create_session("Fuzzed").await;
@@ -123,7 +157,7 @@ fn any_client_frames_end_in_a_close_frame_the_protocol_names() {
         p
     });
     let q = query(&p.session_id, &p.token, None, Format::Json);
-    let before = panics.load(Ordering::SeqCst);
+    let before = panics_on(THREADS);
     let mut runner = TestRunner::new(Config {
         cases: 160,
         ..Config::default()
@@ -154,7 +188,7 @@ fn any_client_frames_end_in_a_close_frame_the_protocol_names() {
                 status
             );
         }
-        prop_assert_eq!(panics.load(Ordering::SeqCst), before, "the server panicked");
+        prop_assert_eq!(panics_on(THREADS), before, "the server panicked");
         Ok(())
     });
     if let Err(failure) = result {
@@ -455,7 +489,7 @@ async fn run_actions(backend: Backend, actions: &[Action]) -> Result<(), TestCas
 }
 
 fn state_machines_follow_the_contract(backend: Backend, cases: u32) {
-    let rt = runtime();
+    let rt = runtime("state-machines-server");
     let mut runner = TestRunner::new(Config {
         cases,
         ..Config::default()
@@ -491,7 +525,7 @@ fn coalesced_results_end_exact_whatever_the_interleaving() {
     use pollcast_tests::client::{id_of, option_id, vote_counts};
     use pollcast_tests::ws::WsClient;
     use std::time::Duration;
-    let rt = runtime();
+    let rt = runtime("state-machines-server");
     let mut runner = TestRunner::new(Config {
         cases: 16,
         ..Config::default()
@@ -620,8 +654,8 @@ fn body() -> impl Strategy<Value = Vec<u8>> {
 /// joins and no poll is created on a refused request. Never a 5xx.
 #[test]
 fn any_request_body_gets_a_contract_answer_and_a_refusal_changes_nothing() {
-    let panics = panics();
-    let rt = runtime();
+    const THREADS: &str = "fuzzed-bodies-server";
+    let rt = runtime(THREADS);
     let options = pollcast_tests::server::Options {
         rate_limits: pollcast_api::RateLimitConfig::OFF,
         ..Default::default()
@@ -651,7 +685,7 @@ fn any_request_body_gets_a_contract_answer_and_a_refusal_changes_nothing() {
             Some(voter.token.clone()),
         ),
     ];
-    let before = panics.load(Ordering::SeqCst);
+    let before = panics_on(THREADS);
     let mut runner = TestRunner::new(Config {
         cases: 400,
         ..Config::default()
@@ -687,5 +721,5 @@ fn any_request_body_gets_a_contract_answer_and_a_refusal_changes_nothing() {
     if let Err(failure) = result {
         panic!("{failure}");
     }
-    assert_eq!(panics.load(Ordering::SeqCst), before, "the server panicked");
+    assert_eq!(panics_on(THREADS), before, "the server panicked");
 }
