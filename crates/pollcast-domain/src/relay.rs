@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use futures::StreamExt;
 use pollcast_protocol::{DomainEvent, SessionEvent, Timestamp};
 use pollcast_store::outbox;
 use pollcast_stream::{EventStream, StreamError};
@@ -36,6 +37,12 @@ const MARK_PER_STATEMENT: usize = 256;
 
 /// Pending events read per round trip.
 const BATCH: u64 = 512;
+/// Sessions whose events the relay publishes at once. Within a session each
+/// publish waits for the one before (the stream must take them in order); across
+/// sessions nothing does, and on JetStream, where a publish is a round trip to
+/// the server, publishing 200 busy sessions one event at a time let the queue
+/// grow to seconds.
+const SESSIONS_AT_ONCE: usize = 64;
 /// How often the relay reads the outbox for pending events, however busy the
 /// hand-off keeps it.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -228,50 +235,60 @@ impl Relay {
         }
         // Commits of one session hand over in any order; their positions do not.
         events.sort_by_key(|event| (event.session_id, event.position));
-        let mut blocked: Vec<Uuid> = Vec::new();
-        for event in events {
-            if blocked.contains(&event.session_id) {
-                continue;
-            }
-            let (session_id, position, at) = (event.session_id, event.position, event.timestamp);
-            let known = self.known.get(&session_id).copied();
-            if known.is_some_and(|known| position <= known) {
-                // In the stream already: a sweep read it from the outbox between
-                // its commit and its hand-off (and marked it). Taken for a gap,
-                // it asked for another sweep, whose own late hand-offs asked for
-                // the next: a busy node swept without end, each sweep two
-                // writes on the database.
-                continue;
-            }
-            let follows = position == 1 || known == Some(position - 1);
-            if !follows {
-                blocked.push(session_id);
-                continue;
-            }
-            match self.stream.publish(event).await {
-                Ok(_) => {
-                    record_publish_lag(at);
-                    self.note_in_stream(session_id, position);
-                    let position = i64::try_from(position).unwrap_or(i64::MAX);
-                    self.unmarked
-                        .entry(session_id)
-                        .and_modify(|range| {
-                            range.0 = range.0.min(position);
-                            range.1 = range.1.max(position);
-                        })
-                        .or_insert((position, position));
+        let mut blocked = false;
+        let mut chains = Vec::new();
+        for (session_id, session_events) in by_session(events, |e| e.session_id) {
+            let mut last = self.known.get(&session_id).copied();
+            let mut chain = Vec::with_capacity(session_events.len());
+            for event in session_events {
+                if last.is_some_and(|last| event.position <= last) {
+                    // In the stream already: a sweep read it from the outbox
+                    // between its commit and its hand-off (and marked it). Taken
+                    // for a gap, it asked for another sweep, whose own late
+                    // hand-offs asked for the next: a busy node swept without
+                    // end, each sweep two writes on the database.
+                    continue;
                 }
-                Err(StreamError::OutOfOrder { expected, got, .. }) => {
-                    tracing::debug!(session = %session_id, expected, got, "handed event ahead of the stream");
-                    blocked.push(session_id);
+                if last.map_or(event.position != 1, |last| event.position != last + 1) {
+                    blocked = true;
+                    break;
                 }
-                Err(err) => return Err(DomainError::Internal(format!("event stream: {err}"))),
+                last = Some(event.position);
+                chain.push(event);
+            }
+            if !chain.is_empty() {
+                chains.push((session_id, chain));
             }
         }
-        Ok(if blocked.is_empty() {
-            Handed::Done
-        } else {
+        let mut failure = None;
+        for outcome in publish_chains(&self.stream, chains).await {
+            if let Some((first, last)) = outcome.took {
+                self.note_in_stream(outcome.session_id, last);
+                let range = (
+                    i64::try_from(first).unwrap_or(i64::MAX),
+                    i64::try_from(last).unwrap_or(i64::MAX),
+                );
+                self.unmarked
+                    .entry(outcome.session_id)
+                    .and_modify(|r| *r = (r.0.min(range.0), r.1.max(range.1)))
+                    .or_insert(range);
+            }
+            match outcome.stop {
+                None => {}
+                Some(StreamError::OutOfOrder { expected, got, .. }) => {
+                    tracing::debug!(session = %outcome.session_id, expected, got, "handed event ahead of the stream");
+                    blocked = true;
+                }
+                Some(err) => failure = failure.or(Some(err)),
+            }
+        }
+        if let Some(err) = failure {
+            return Err(DomainError::Internal(format!("event stream: {err}")));
+        }
+        Ok(if blocked {
             Handed::NeedsSweep
+        } else {
+            Handed::Done
         })
     }
 
@@ -387,49 +404,56 @@ impl Relay {
         }
     }
 
-    /// Publishes rows in order; returns, per session, the range of positions the
-    /// stream now holds, and the error that stopped it, if any.
+    /// Publishes rows, each session's in order; returns, per session, the range
+    /// of positions the stream now holds, and an error that stopped a session,
+    /// if any.
     async fn publish_rows(
         &self,
         rows: Vec<outbox::Model>,
     ) -> (HashMap<Uuid, (i64, i64)>, Option<DomainError>) {
-        let mut published: HashMap<Uuid, (i64, i64)> = HashMap::new();
-        let mut blocked: Vec<Uuid> = Vec::new();
-        for row in rows {
-            if blocked.contains(&row.session_id) {
-                continue;
+        let mut chains = Vec::new();
+        for (session_id, session_rows) in by_session(rows, |row| row.session_id) {
+            let mut chain = Vec::with_capacity(session_rows.len());
+            for row in &session_rows {
+                match decode(row) {
+                    Ok(event) => chain.push(event),
+                    Err(err) => {
+                        // What follows it waits: the stream takes no gap.
+                        tracing::error!(session = %session_id, position = row.position, error = %err, "undecodable outbox row");
+                        break;
+                    }
+                }
             }
-            let event = match decode(&row) {
-                Ok(event) => event,
-                Err(err) => {
-                    tracing::error!(session = %row.session_id, position = row.position, error = %err, "undecodable outbox row");
-                    blocked.push(row.session_id);
-                    continue;
+            if !chain.is_empty() {
+                chains.push((session_id, chain));
+            }
+        }
+        let mut published = HashMap::new();
+        let mut failure = None;
+        for outcome in publish_chains(&self.stream, chains).await {
+            if let Some((first, last)) = outcome.took {
+                published.insert(
+                    outcome.session_id,
+                    (
+                        i64::try_from(first).unwrap_or(i64::MAX),
+                        i64::try_from(last).unwrap_or(i64::MAX),
+                    ),
+                );
+            }
+            match outcome.stop {
+                None => {}
+                // An earlier position is not in the stream yet (another node has
+                // not published it). Leave this session for the next sweep.
+                Some(StreamError::OutOfOrder { expected, got, .. }) => {
+                    tracing::warn!(session = %outcome.session_id, expected, got, "stream is behind the outbox");
                 }
-            };
-            match self.stream.publish(event).await {
-                Ok(_) => {
-                    record_publish_lag(row.occurred_at.into());
-                    published
-                        .entry(row.session_id)
-                        .and_modify(|range| range.1 = row.position)
-                        .or_insert((row.position, row.position));
-                }
-                Err(StreamError::OutOfOrder { expected, got, .. }) => {
-                    // An earlier position is not in the stream yet (another node has
-                    // not published it). Leave this session for the next sweep.
-                    tracing::warn!(session = %row.session_id, expected, got, "stream is behind the outbox");
-                    blocked.push(row.session_id);
-                }
-                Err(err) => {
-                    return (
-                        published,
-                        Some(DomainError::Internal(format!("event stream: {err}"))),
-                    );
+                Some(err) => {
+                    failure = failure
+                        .or_else(|| Some(DomainError::Internal(format!("event stream: {err}"))));
                 }
             }
         }
-        (published, None)
+        (published, failure)
     }
 
     /// Marks what the stream now holds, one statement for up to
@@ -464,6 +488,68 @@ enum Handed {
     Done,
     /// Read the outbox now: something it holds was not published.
     NeedsSweep,
+}
+
+/// How far [`publish_chains`] got with one session's events.
+struct Outcome {
+    session_id: Uuid,
+    /// The first and last position the stream took (or already held).
+    took: Option<(u64, u64)>,
+    /// What stopped the session's events before their end.
+    stop: Option<StreamError>,
+}
+
+/// Publishes each chain (one session's events, in position order) one event
+/// after another, and [`SESSIONS_AT_ONCE`] chains side by side.
+async fn publish_chains(
+    stream: &Arc<dyn EventStream>,
+    chains: Vec<(Uuid, Vec<SessionEvent>)>,
+) -> Vec<Outcome> {
+    futures::stream::iter(chains)
+        .map(|(session_id, chain)| publish_chain(stream.as_ref(), session_id, chain))
+        .buffer_unordered(SESSIONS_AT_ONCE)
+        .collect()
+        .await
+}
+
+/// Publishes one session's events in order, up to the first the stream refuses.
+async fn publish_chain(
+    stream: &dyn EventStream,
+    session_id: Uuid,
+    chain: Vec<SessionEvent>,
+) -> Outcome {
+    let mut outcome = Outcome {
+        session_id,
+        took: None,
+        stop: None,
+    };
+    for event in chain {
+        let (position, at) = (event.position, event.timestamp);
+        match stream.publish(event).await {
+            Ok(_) => {
+                record_publish_lag(at);
+                outcome.took = Some((outcome.took.map_or(position, |t| t.0), position));
+            }
+            Err(err) => {
+                outcome.stop = Some(err);
+                break;
+            }
+        }
+    }
+    outcome
+}
+
+/// Splits `items`, sorted by session, into each session's run.
+fn by_session<T>(items: Vec<T>, session_of: impl Fn(&T) -> Uuid) -> Vec<(Uuid, Vec<T>)> {
+    let mut runs: Vec<(Uuid, Vec<T>)> = Vec::new();
+    for item in items {
+        let session_id = session_of(&item);
+        match runs.last_mut() {
+            Some((id, run)) if *id == session_id => run.push(item),
+            _ => runs.push((session_id, vec![item])),
+        }
+    }
+    runs
 }
 
 /// Records commit → stream acknowledgement for an event committed at `at`.
@@ -648,5 +734,101 @@ mod tests {
         assert_eq!(handoff.take().0.len(), 0, "the pass took what was held");
         relay.sweep().await.expect("sweep");
         assert_eq!(in_stream(&stream, session).await, vec![1, 2, 3]);
+    }
+
+    /// An embedded stream whose publishes for one session wait until the test
+    /// opens the gate, as a JetStream publish waits for its acknowledgement.
+    struct Gated {
+        inner: Arc<EmbeddedStream>,
+        session: Uuid,
+        gate: tokio::sync::Semaphore,
+    }
+
+    #[async_trait::async_trait]
+    impl EventStream for Gated {
+        async fn publish(
+            &self,
+            event: SessionEvent,
+        ) -> Result<pollcast_stream::Published, StreamError> {
+            if event.session_id == self.session {
+                let _pass = self.gate.acquire().await.expect("gate");
+            }
+            self.inner.publish(event).await
+        }
+        async fn read_after(
+            &self,
+            session: Uuid,
+            after: u64,
+            limit: usize,
+        ) -> Result<pollcast_stream::ReadBatch, StreamError> {
+            self.inner.read_after(session, after, limit).await
+        }
+        async fn newest(&self, session: Uuid) -> Result<Option<u64>, StreamError> {
+            self.inner.newest(session).await
+        }
+        async fn subscribe(
+            &self,
+            session: Uuid,
+        ) -> Result<pollcast_stream::Subscription, StreamError> {
+            self.inner.subscribe(session).await
+        }
+        async fn ping(&self) -> Result<(), StreamError> {
+            self.inner.ping().await
+        }
+        async fn report_presence(
+            &self,
+            signal: pollcast_protocol::PresenceSignal,
+        ) -> Result<(), StreamError> {
+            self.inner.report_presence(signal).await
+        }
+        async fn presence(&self) -> Result<pollcast_stream::PresenceFeed, StreamError> {
+            self.inner.presence().await
+        }
+    }
+
+    /// A session whose publishes wait (a slow acknowledgement) does not hold
+    /// back another session's: the relay publishes sessions side by side, each
+    /// in its own order. Run one after another, the second session waited for
+    /// the first's every round trip.
+    #[tokio::test]
+    async fn a_session_waiting_for_the_stream_does_not_hold_back_another() {
+        let domain = domain().await;
+        let (a, a_events) = three_events(&domain).await;
+        let (b, b_events) = three_events(&domain).await;
+        // The session published first in (session, position) order waits.
+        let (slow, fast) = (a.min(b), a.max(b));
+        let inner = Arc::new(EmbeddedStream::default());
+        let gated = Arc::new(Gated {
+            inner: inner.clone(),
+            session: slow,
+            gate: tokio::sync::Semaphore::new(0),
+        });
+        let handoff = Arc::new(Handoff::default());
+        let mut relay = Relay::new(domain.db().clone(), gated.clone(), handoff.clone());
+        hand_over(&handoff, a_events.into_iter().chain(b_events));
+        let mut fast_live = inner.subscribe(fast).await.expect("subscribe");
+        let watch_fast = async {
+            let mut positions = Vec::new();
+            let fast_got_all = tokio::time::timeout(Duration::from_secs(5), async {
+                while positions.len() < 3 {
+                    positions.push(fast_live.next().await.expect("live").position);
+                }
+            })
+            .await
+            .is_ok();
+            // Only now may the slow session's publishes go on.
+            gated.gate.add_permits(3);
+            (fast_got_all, positions)
+        };
+        let (handed, (fast_got_all, positions)) = tokio::join!(relay.publish_handed(), watch_fast);
+        assert!(
+            fast_got_all,
+            "the fast session waited for the slow one: {positions:?}"
+        );
+        assert_eq!(positions, vec![1, 2, 3]);
+        assert!(matches!(handed, Ok(Handed::Done)));
+        assert_eq!(in_stream(&inner, slow).await, vec![1, 2, 3]);
+        assert_eq!(relay.known.get(&slow), Some(&3));
+        assert_eq!(relay.unmarked.get(&fast), Some(&(1, 3)));
     }
 }
