@@ -14,6 +14,7 @@
 //! holds, which makes the log exactly once.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -500,23 +501,28 @@ struct Outcome {
 }
 
 /// Publishes each chain (one session's events, in position order) one event
-/// after another, and [`SESSIONS_AT_ONCE`] chains side by side.
+/// after another, and [`SESSIONS_AT_ONCE`] chains side by side. Once the stream
+/// fails (not a refusal of one session's event: it is down, say), no chain
+/// starts another publish: each would wait for its own timeout.
 async fn publish_chains(
     stream: &Arc<dyn EventStream>,
     chains: Vec<(Uuid, Vec<SessionEvent>)>,
 ) -> Vec<Outcome> {
+    let failed = AtomicBool::new(false);
     futures::stream::iter(chains)
-        .map(|(session_id, chain)| publish_chain(stream.as_ref(), session_id, chain))
+        .map(|(session_id, chain)| publish_chain(stream.as_ref(), session_id, chain, &failed))
         .buffer_unordered(SESSIONS_AT_ONCE)
         .collect()
         .await
 }
 
-/// Publishes one session's events in order, up to the first the stream refuses.
+/// Publishes one session's events in order, up to the first the stream refuses
+/// or until `failed` is set.
 async fn publish_chain(
     stream: &dyn EventStream,
     session_id: Uuid,
     chain: Vec<SessionEvent>,
+    failed: &AtomicBool,
 ) -> Outcome {
     let mut outcome = Outcome {
         session_id,
@@ -524,6 +530,9 @@ async fn publish_chain(
         stop: None,
     };
     for event in chain {
+        if failed.load(Ordering::Relaxed) {
+            break;
+        }
         let (position, at) = (event.position, event.timestamp);
         match stream.publish(event).await {
             Ok(_) => {
@@ -531,6 +540,9 @@ async fn publish_chain(
                 outcome.took = Some((outcome.took.map_or(position, |t| t.0), position));
             }
             Err(err) => {
+                if !matches!(err, StreamError::OutOfOrder { .. }) {
+                    failed.store(true, Ordering::Relaxed);
+                }
                 outcome.stop = Some(err);
                 break;
             }
@@ -737,11 +749,26 @@ mod tests {
     }
 
     /// An embedded stream whose publishes for one session wait until the test
-    /// opens the gate, as a JetStream publish waits for its acknowledgement.
+    /// opens the gate, as a JetStream publish waits for its acknowledgement;
+    /// or, `down`, whose every publish fails. Counts the publishes asked for.
     struct Gated {
         inner: Arc<EmbeddedStream>,
         session: Uuid,
         gate: tokio::sync::Semaphore,
+        down: bool,
+        publishes: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Gated {
+        fn new(inner: Arc<EmbeddedStream>, session: Uuid, down: bool) -> Self {
+            Self {
+                inner,
+                session,
+                gate: tokio::sync::Semaphore::new(0),
+                down,
+                publishes: std::sync::atomic::AtomicUsize::new(0),
+            }
+        }
     }
 
     #[async_trait::async_trait]
@@ -750,6 +777,10 @@ mod tests {
             &self,
             event: SessionEvent,
         ) -> Result<pollcast_stream::Published, StreamError> {
+            self.publishes.fetch_add(1, Ordering::SeqCst);
+            if self.down {
+                return Err(StreamError::Unavailable("down".into()));
+            }
             if event.session_id == self.session {
                 let _pass = self.gate.acquire().await.expect("gate");
             }
@@ -798,11 +829,7 @@ mod tests {
         // The session published first in (session, position) order waits.
         let (slow, fast) = (a.min(b), a.max(b));
         let inner = Arc::new(EmbeddedStream::default());
-        let gated = Arc::new(Gated {
-            inner: inner.clone(),
-            session: slow,
-            gate: tokio::sync::Semaphore::new(0),
-        });
+        let gated = Arc::new(Gated::new(inner.clone(), slow, false));
         let handoff = Arc::new(Handoff::default());
         let mut relay = Relay::new(domain.db().clone(), gated.clone(), handoff.clone());
         hand_over(&handoff, a_events.into_iter().chain(b_events));
@@ -830,5 +857,35 @@ mod tests {
         assert_eq!(in_stream(&inner, slow).await, vec![1, 2, 3]);
         assert_eq!(relay.known.get(&slow), Some(&3));
         assert_eq!(relay.unmarked.get(&fast), Some(&(1, 3)));
+    }
+
+    /// A stream that is down fails the first publish; the sessions not yet
+    /// started do not each try (and, on JetStream, each wait for a timeout).
+    #[tokio::test]
+    async fn once_the_stream_fails_no_other_session_tries() {
+        let domain = domain().await;
+        let (session, events) = three_events(&domain).await;
+        let down = Arc::new(Gated::new(
+            Arc::new(EmbeddedStream::default()),
+            session,
+            true,
+        ));
+        let handoff = Arc::new(Handoff::default());
+        let mut relay = Relay::new(domain.db().clone(), down.clone(), handoff.clone());
+        let sessions = 2 * SESSIONS_AT_ONCE;
+        hand_over(
+            &handoff,
+            (1..=sessions).map(|i| SessionEvent {
+                session_id: Uuid::from_u128(u128::try_from(i).expect("fits")),
+                ..events[0].clone()
+            }),
+        );
+        assert!(relay.publish_handed().await.is_err());
+        let asked = down.publishes.load(Ordering::SeqCst);
+        assert!(
+            (1..=SESSIONS_AT_ONCE).contains(&asked),
+            "{asked} of {sessions} sessions tried a stream that is down"
+        );
+        assert!(relay.unmarked.is_empty() && relay.known.is_empty());
     }
 }
