@@ -306,3 +306,68 @@ pollcast_tests::in_both_formats!(
     replay_works_across_a_restart_of_the_embedded_stream,
     reconnecting_client_sees_exactly_what_a_connected_one_sees,
 );
+
+/// A reconnect storm reads the log at most `READS_AT_ONCE` connections at a
+/// time: on JetStream each read is a request to the nats-server, and 10 000 at
+/// once made it answer after the requests' timeout, so nearly every replay
+/// failed. Held reads stand for that busy engine; once they are answered, every
+/// client recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_replays_reads_the_log_a_bounded_number_at_a_time() {
+    use pollcast_edge::READS_AT_ONCE;
+    use pollcast_tests::stream::SwitchableStream;
+    use std::time::Duration;
+    let stream = Arc::new(SwitchableStream::default());
+    let mut options = Options {
+        stream: stream.clone(),
+        ..Options::default()
+    };
+    options.edge.max_connections_per_participant = 4 * READS_AT_ONCE;
+    let t = TestServer::start_with(Backend::Sqlite, options).await;
+    let p = t.api.started_session().await;
+    t.settle(&p.session_id).await;
+    let session: Uuid = p.session_id.parse().expect("uuid");
+    let seen = EventId::new(session, 1).to_string();
+    stream.hold_reads();
+    let clients: Vec<_> = (0..2 * READS_AT_ONCE)
+        .map(|_| {
+            let (addr, q) = (
+                t.server.addr(),
+                query(&p.session_id, &p.token, Some(&seen), Format::Json),
+            );
+            tokio::spawn(async move {
+                let mut client = WsClient::connect(addr, &q).await;
+                client.expect("connection:established").await;
+                // The replay (`session:started`), then its end.
+                loop {
+                    let frame = client.envelope().await;
+                    if frame["eventType"] == "connection:reconnected" {
+                        return frame;
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        stream.reads_in_flight(READS_AT_ONCE),
+    )
+    .await
+    .expect("the first reads arrive");
+    // Every client is connecting; none past the bound may read.
+    let more = tokio::time::timeout(
+        Duration::from_millis(500),
+        stream.reads_in_flight(READS_AT_ONCE + 1),
+    )
+    .await;
+    assert!(more.is_err(), "more than {READS_AT_ONCE} reads at once");
+    stream.release_reads();
+    for client in clients {
+        let reconnected = tokio::time::timeout(Duration::from_secs(20), client)
+            .await
+            .expect("recovered in time")
+            .expect("client task");
+        assert_eq!(reconnected["payload"]["recovered"], true, "{reconnected}");
+    }
+    assert_eq!(stream.peak_reads(), READS_AT_ONCE);
+}
