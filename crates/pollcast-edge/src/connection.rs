@@ -201,13 +201,13 @@ async fn admit<'e>(
 /// later; a client that connects in between must not be told the session does not
 /// exist, so an unknown session gets [`crate::EdgeConfig::session_wait`] to appear.
 async fn session_known(edge: &Edge, session: Uuid) -> Result<bool, pollcast_stream::StreamError> {
-    let (inner, stream) = (&edge.inner, &edge.inner.stream);
-    if inner.read(stream.newest(session)).await?.is_some() {
+    let stream = &edge.inner.stream;
+    if stream.newest(session).await?.is_some() {
         return Ok(true);
     }
     let mut live = stream.subscribe(session).await?;
     // Published between the check and the subscription?
-    if inner.read(stream.newest(session)).await?.is_some() {
+    if stream.newest(session).await?.is_some() {
         return Ok(true);
     }
     Ok(timeout(edge.inner.config.session_wait, live.next())
@@ -312,8 +312,7 @@ impl Connection<'_> {
     ) -> End {
         let config = &self.edge.inner.config;
         // Read after joining the room: anything newer is in the queue.
-        let inner = &self.edge.inner;
-        let newest = match inner.read(inner.stream.newest(self.session_id)).await {
+        let newest = match self.edge.inner.stream.newest(self.session_id).await {
             Ok(newest) => newest,
             Err(err) => return End::Close(err.into()),
         };
@@ -457,8 +456,7 @@ impl Connection<'_> {
                 let mut wait = Duration::from_millis(20);
                 let mut pager = Pager::new(&*stream, self.session_id, after);
                 loop {
-                    let page = self.edge.inner.read(pager.next()).await;
-                    match page {
+                    match pager.next().await {
                         Ok(Page::Events(events)) => {
                             for event in events {
                                 if self.may_see(&event) {

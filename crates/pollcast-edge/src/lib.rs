@@ -102,27 +102,6 @@ struct Inner {
     limits: limits::Limits,
     /// Turns true when the node shuts down; every connection watches it.
     shutdown: watch::Sender<bool>,
-    /// Reads of the log that connections have in flight (the session check,
-    /// the newest position, each replay page), at most [`READS_AT_ONCE`].
-    reads: tokio::sync::Semaphore,
-}
-
-/// Log reads this node's connections make at once. In a reconnect storm every
-/// client asks at the same moment; on JetStream each read is one or more
-/// requests to the nats-server, and 10 000 at once kept it so busy that its
-/// answers came after the requests' timeout: nearly every replay failed
-/// (`recovered: false`). Queued here, they are answered in turn.
-pub const READS_AT_ONCE: usize = 64;
-
-impl Inner {
-    /// Runs `read` (a read of the log) once fewer than [`READS_AT_ONCE`] are in
-    /// flight.
-    async fn read<T>(&self, read: impl std::future::Future<Output = T>) -> T {
-        // The semaphore is never closed; were it, reading unbounded is the
-        // lesser harm.
-        let _turn = self.reads.acquire().await.ok();
-        read.await
-    }
 }
 
 impl Edge {
@@ -140,7 +119,6 @@ impl Edge {
                 keys,
                 limits,
                 shutdown: watch::channel(false).0,
-                reads: tokio::sync::Semaphore::new(READS_AT_ONCE),
             }),
         }
     }
