@@ -15,6 +15,11 @@
 //! on a socket, votes spread over them). Each run prints a summary and one JSON
 //! line.
 //! Loopback only; every run is bounded in count and in time.
+//!
+//! Against separate `api` and `edge` processes (the JetStream engine), `--url`
+//! is the API and `--ws-url` the edge, and `--server-pid` is given once for each
+//! process that serves the run (the nats-server too): their CPU and memory are
+//! summed, and each one's CPU is printed apart.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -35,9 +40,15 @@ struct Args {
     /// The server, `http://127.0.0.1:PORT`; it must run with rate limits off.
     #[arg(long)]
     url: String,
-    /// The server's process id, to read its CPU time and memory from /proc.
+    /// Where the WebSockets and the delivery histogram (`/metrics`) are, when
+    /// an edge process serves them apart from the API; default: `--url`.
     #[arg(long)]
-    server_pid: Option<u32>,
+    ws_url: Option<String>,
+    /// A process that serves the run (the server; with separate processes,
+    /// each of them and the nats-server), to read its CPU time and memory
+    /// from /proc. Repeat for each; the figures are their sum.
+    #[arg(long)]
+    server_pid: Vec<u32>,
     /// Source addresses 127.0.0.1..=127.0.0.N for the sockets (more than one
     /// when the clients would run out of ports on one address).
     #[arg(long, default_value_t = 1)]
@@ -430,13 +441,23 @@ fn pct(sorted: &[u32], q: f64) -> f64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let server: SocketAddr = args
-        .url
-        .trim_start_matches("http://")
+    let api_url = args.url.trim_end_matches('/').to_owned();
+    let ws_url = args
+        .ws_url
+        .as_deref()
+        .unwrap_or(&args.url)
         .trim_end_matches('/')
-        .parse()
-        .map_err(|_| anyhow::anyhow!("--url must be http://127.x.y.z:PORT"))?;
-    anyhow::ensure!(server.ip().is_loopback(), "load goes to loopback only");
+        .to_owned();
+    let loopback = |url: &str| -> anyhow::Result<SocketAddr> {
+        let addr: SocketAddr = url
+            .trim_start_matches("http://")
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{url}: must be http://127.x.y.z:PORT"))?;
+        anyhow::ensure!(addr.ip().is_loopback(), "load goes to loopback only");
+        Ok(addr)
+    };
+    loopback(&api_url)?;
+    let server = loopback(&ws_url)?;
     anyhow::ensure!(
         args.protocol == client::Protocol::Pollcast || args.format == "json",
         "Socket.IO runs carry JSON only"
@@ -488,10 +509,17 @@ async fn main() -> anyhow::Result<()> {
     };
     let clients = rooms * per_room;
     let length = Duration::from_secs(seconds.min(120));
-    let server_pid = args.server_pid.map(|p| p.to_string());
-    let read_server = || server_pid.as_deref().and_then(|p| proc_stat(p).ok());
-    let api = Api::new(args.url.trim_end_matches('/').to_owned());
-    let metrics_url = format!("{}/metrics", args.url.trim_end_matches('/'));
+    let server_pids: Vec<String> = args.server_pid.iter().map(u32::to_string).collect();
+    // Every serving process's figures, in `--server-pid` order; none when one
+    // cannot be read (it exited), so a sum never leaves a process out.
+    let read_server = || -> Option<Vec<ProcStat>> {
+        if server_pids.is_empty() {
+            return None;
+        }
+        server_pids.iter().map(|p| proc_stat(p).ok()).collect()
+    };
+    let api = Api::new(api_url);
+    let metrics_url = format!("{ws_url}/metrics");
     let scrape = || async {
         let text = reqwest::get(&metrics_url).await.ok()?.text().await.ok()?;
         Some(Buckets::from_scrape(&text))
@@ -616,10 +644,15 @@ async fn main() -> anyhow::Result<()> {
         .flat_map(|s| s.latencies_us.iter().copied())
         .collect();
     latencies.sort_unstable();
-    let cpu = |a: Option<ProcStat>, b: Option<ProcStat>| {
-        a.zip(b).map(|(a, b)| b.cpu_seconds - a.cpu_seconds)
-    };
-    let server_cpu = cpu(connected_server, after_server);
+    // Each serving process's CPU over the load, and their sum.
+    let server_cpus: Option<Vec<f64>> =
+        connected_server.as_ref().zip(after_server).map(|(a, b)| {
+            a.iter()
+                .zip(&b)
+                .map(|(a, b)| b.cpu_seconds - a.cpu_seconds)
+                .collect()
+        });
+    let server_cpu = server_cpus.as_ref().map(|c| c.iter().sum::<f64>());
     let own_cpu = own_after.cpu_seconds - own_before.cpu_seconds;
     let per_frame_us = |cpu: f64| {
         if frames > 0 {
@@ -628,9 +661,17 @@ async fn main() -> anyhow::Result<()> {
             0.0
         }
     };
-    let rss_per_conn = idle_server.zip(connected_server).map(|(a, b)| {
-        (b.rss_bytes.saturating_sub(a.rss_bytes)) as f64 / 1024.0 / task_rooms.len() as f64
+    // Each serving process's RSS growth from idle to every socket connected,
+    // per connection, and their sum.
+    let rss_by_process: Option<Vec<f64>> = idle_server.zip(connected_server).map(|(a, b)| {
+        a.iter()
+            .zip(&b)
+            .map(|(a, b)| {
+                b.rss_bytes.saturating_sub(a.rss_bytes) as f64 / 1024.0 / task_rooms.len() as f64
+            })
+            .collect()
     });
+    let rss_per_conn = rss_by_process.as_ref().map(|r| r.iter().sum::<f64>());
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let own_share = own_cpu / wall.as_secs_f64() / threads;
     let saturated = own_share > 0.9 || votes.behind > Duration::from_millis(500);
@@ -700,6 +741,14 @@ async fn main() -> anyhow::Result<()> {
             },
             rss_per_conn.unwrap_or(0.0),
         );
+        if let Some(cpus) = server_cpus.as_ref().filter(|c| c.len() > 1) {
+            let each: Vec<String> = cpus
+                .iter()
+                .zip(&server_pids)
+                .map(|(c, p)| format!("pid {p} {c:.2} s"))
+                .collect();
+            println!("  server CPU by process: {}", each.join(", "));
+        }
     }
     println!(
         "  load generator CPU {:.2} s ({:.2} µs per frame, {:.0} % of the machine){}",
@@ -744,8 +793,10 @@ async fn main() -> anyhow::Result<()> {
         "unseen": unseen,
         "failed_connections": failed,
         "server_cpu_us_per_frame": server_cpu.map(per_frame_us),
+        "server_cpu_seconds_by_process": server_cpus,
         "server_cpu_us_per_vote": server_cpu.map(|c| if votes.accepted > 0 { c * 1e6 / votes.accepted as f64 } else { 0.0 }),
         "server_rss_kib_per_connection": rss_per_conn,
+        "server_rss_kib_per_connection_by_process": rss_by_process,
         "loadgen_cpu_us_per_frame": per_frame_us(own_cpu),
         "loadgen_saturated": saturated,
         "storm_recovery_max_ms": (scenario == "reconnect-storm").then_some(worst_recovery),
