@@ -306,3 +306,83 @@ pollcast_tests::in_both_formats!(
     replay_works_across_a_restart_of_the_embedded_stream,
     reconnecting_client_sees_exactly_what_a_connected_one_sees,
 );
+
+/// A replay page can run past the newest event the connection was told of, into
+/// events committed meanwhile that the room queued for it too. When the read
+/// after that page fails (`recovered: false`), the queue must not send those
+/// events a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_that_fails_midway_sends_no_event_twice() {
+    use pollcast_stream::EventStream;
+    use pollcast_tests::stream::SwitchableStream;
+    use std::time::Duration;
+    let stream = Arc::new(SwitchableStream::default());
+    let options = Options {
+        stream: stream.clone(),
+        ..Options::default()
+    };
+    let t = TestServer::start_with(Backend::Sqlite, options).await;
+    let p = t.api.started_session().await;
+    let ada = t.api.join(&p.code, "Ada").await;
+    t.settle(&p.session_id).await;
+    let session: Uuid = p.session_id.parse().expect("uuid");
+    let position = |frame: &Value| {
+        frame["eventId"].as_str().map(|id| {
+            id.parse::<EventId>()
+                .expect("event id")
+                .position_in(session)
+                .expect("ours")
+        })
+    };
+    let before = stream
+        .newest(session)
+        .await
+        .expect("newest")
+        .expect("events");
+    stream.arm_read_trap();
+    let from = EventId::new(session, 1).to_string();
+    let mut client = connect_after(&t, &p, &p.token, Some(&from), Format::Json).await;
+    client.expect("connection:established").await;
+    tokio::time::timeout(Duration::from_secs(10), stream.first_read_waiting())
+        .await
+        .expect("the replay reads the log");
+    // Committed while the replay waits (a poll created and activated, a vote):
+    // in the log the page reads, and queued by the room.
+    let poll = t.api.active_poll(&p).await;
+    t.api
+        .vote(&id_of(&poll), &ada.token, &[&option_id(&poll, 0)])
+        .await
+        .expect(201);
+    t.stream_reaches(session, before + 1).await;
+    stream.release_first_read();
+    let mut newest_seen = 0;
+    let reconnected = loop {
+        let frame = client.envelope().await;
+        if frame["eventType"] == "connection:reconnected" {
+            break frame;
+        }
+        newest_seen = newest_seen.max(position(&frame).expect("replayed event"));
+    };
+    assert!(
+        newest_seen > before,
+        "the page held what was committed meanwhile"
+    );
+    assert_eq!(reconnected["payload"]["recovered"], false, "{reconnected}");
+    // A new event: everything before it on the wire must be newer than the replay.
+    t.api
+        .act(
+            &format!("/api/polls/{}/close", id_of(&poll)),
+            Some(&p.token),
+        )
+        .await
+        .expect(200);
+    loop {
+        let frame = client.envelope().await;
+        if let Some(at) = position(&frame) {
+            assert!(at > newest_seen, "sent again after the replay: {frame}");
+        }
+        if frame["eventType"] == "poll:closed" {
+            break;
+        }
+    }
+}

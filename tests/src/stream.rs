@@ -1,6 +1,8 @@
 //! An event stream that can be switched off, to simulate an outage of the stream
 //! between commit and publish. It wraps the real embedded engine; while off, every
-//! call fails the way an unreachable engine does.
+//! call fails the way an unreachable engine does. A read trap makes the next
+//! read of the log wait for the test and every read after it fail, as a replay
+//! whose engine stops answering midway.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +23,28 @@ pub struct SwitchableStream {
     reported: [std::sync::atomic::AtomicUsize; 3],
     /// Events published again after the stream already held them.
     duplicates: std::sync::atomic::AtomicUsize,
+    trap: ReadTrap,
+}
+
+/// See [`SwitchableStream::arm_read_trap`].
+struct ReadTrap {
+    armed: AtomicBool,
+    /// Reads of the log since the trap was armed.
+    reads: std::sync::atomic::AtomicUsize,
+    arrived: tokio::sync::Notify,
+    /// The first read passes when it gets a permit.
+    release: tokio::sync::Semaphore,
+}
+
+impl Default for ReadTrap {
+    fn default() -> Self {
+        Self {
+            armed: AtomicBool::new(false),
+            reads: std::sync::atomic::AtomicUsize::new(0),
+            arrived: tokio::sync::Notify::new(),
+            release: tokio::sync::Semaphore::new(0),
+        }
+    }
 }
 
 impl SwitchableStream {
@@ -45,6 +69,30 @@ impl SwitchableStream {
     /// repeats what it could not mark as published).
     pub fn duplicates(&self) -> usize {
         self.duplicates.load(Ordering::SeqCst)
+    }
+
+    /// From now on, the next `read_after` waits until
+    /// [`Self::release_first_read`], and every one after it fails.
+    pub fn arm_read_trap(&self) {
+        self.trap.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until the trapped first read has arrived.
+    pub async fn first_read_waiting(&self) {
+        loop {
+            let arrived = self.trap.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            if self.trap.reads.load(Ordering::SeqCst) > 0 {
+                return;
+            }
+            arrived.await;
+        }
+    }
+
+    /// Lets the trapped first read through.
+    pub fn release_first_read(&self) {
+        self.trap.release.add_permits(1);
     }
 
     fn check(&self) -> Result<(), StreamError> {
@@ -73,6 +121,14 @@ impl EventStream for SwitchableStream {
         after: u64,
         limit: usize,
     ) -> Result<ReadBatch, StreamError> {
+        if self.trap.armed.load(Ordering::SeqCst) {
+            let n = self.trap.reads.fetch_add(1, Ordering::SeqCst);
+            self.trap.arrived.notify_waiters();
+            if n > 0 {
+                return Err(StreamError::Unavailable("read trap".into()));
+            }
+            drop(self.trap.release.acquire().await);
+        }
         self.inner.read_after(session, after, limit).await
     }
 

@@ -464,6 +464,13 @@ impl Connection<'_> {
                                     replayed += 1;
                                 }
                             }
+                            // Passed on up to here, whatever the next read does:
+                            // a page may run past `reach` into what the room has
+                            // queued meanwhile, and a replay that fails after it
+                            // (`recovered: false`) must not let the queue send
+                            // those events again.
+                            let outlet = &self.out.outlet;
+                            outlet.set_last(outlet.last().max(pager.position()));
                         }
                         Ok(Page::End) if pager.position() >= reach => break,
                         Ok(Page::Truncated) => {
