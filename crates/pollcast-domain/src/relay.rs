@@ -263,12 +263,10 @@ impl Relay {
         }
         let mut failure = None;
         for outcome in publish_chains(&self.stream, chains).await {
-            if let Some((first, last)) = outcome.took {
+            if let Some((_, last)) = outcome.took {
                 self.note_in_stream(outcome.session_id, last);
-                let range = (
-                    i64::try_from(first).unwrap_or(i64::MAX),
-                    i64::try_from(last).unwrap_or(i64::MAX),
-                );
+            }
+            if let Some(range) = outcome.range() {
                 self.unmarked
                     .entry(outcome.session_id)
                     .and_modify(|r| *r = (r.0.min(range.0), r.1.max(range.1)))
@@ -432,14 +430,8 @@ impl Relay {
         let mut published = HashMap::new();
         let mut failure = None;
         for outcome in publish_chains(&self.stream, chains).await {
-            if let Some((first, last)) = outcome.took {
-                published.insert(
-                    outcome.session_id,
-                    (
-                        i64::try_from(first).unwrap_or(i64::MAX),
-                        i64::try_from(last).unwrap_or(i64::MAX),
-                    ),
-                );
+            if let Some(range) = outcome.range() {
+                published.insert(outcome.session_id, range);
             }
             match outcome.stop {
                 None => {}
@@ -498,6 +490,14 @@ struct Outcome {
     took: Option<(u64, u64)>,
     /// What stopped the session's events before their end.
     stop: Option<StreamError>,
+}
+
+impl Outcome {
+    /// [`Outcome::took`] as the outbox's positions, for marking.
+    fn range(&self) -> Option<(i64, i64)> {
+        let outbox = |p: u64| i64::try_from(p).unwrap_or(i64::MAX);
+        self.took.map(|(first, last)| (outbox(first), outbox(last)))
+    }
 }
 
 /// Publishes each chain (one session's events, in position order) one event

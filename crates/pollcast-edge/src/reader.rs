@@ -443,7 +443,7 @@ mod tests {
         let reason = [&4000u16.to_be_bytes()[..], b"bye"].concat();
         assert_eq!(
             reports(frame(0x88, &reason, true), 1).await[..1],
-            [Inbound::Control(OpCode::Close, reason.clone())]
+            [Inbound::Control(OpCode::Close, reason)]
         );
     }
 
