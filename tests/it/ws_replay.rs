@@ -4,7 +4,9 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
+use pollcast_edge::EdgeConfig;
 use pollcast_protocol::EventId;
 use pollcast_tests::client::{Presenter, id_of, option_id};
 use pollcast_tests::server::Options;
@@ -315,10 +317,14 @@ pollcast_tests::in_both_formats!(
 async fn a_replay_that_fails_midway_sends_no_event_twice() {
     use pollcast_stream::EventStream;
     use pollcast_tests::stream::SwitchableStream;
-    use std::time::Duration;
     let stream = Arc::new(SwitchableStream::default());
+    // The log's path: no room window to answer from.
     let options = Options {
         stream: stream.clone(),
+        edge: EdgeConfig {
+            room_window_per_member: 0,
+            ..EdgeConfig::default()
+        },
         ..Options::default()
     };
     let t = TestServer::start_with(Backend::Sqlite, options).await;
@@ -385,4 +391,122 @@ async fn a_replay_that_fails_midway_sends_no_event_twice() {
             break;
         }
     }
+}
+
+/// The frames up to `connection:reconnected`: the replayed events' types, and
+/// the `connection:reconnected` frame.
+async fn replay_of(client: &mut WsClient) -> (Vec<String>, Value) {
+    let mut replayed = Vec::new();
+    loop {
+        let frame = client.envelope().await;
+        if frame["eventType"] == "connection:reconnected" {
+            return (replayed, frame);
+        }
+        replayed.push(frame["eventType"].as_str().expect("type").to_owned());
+    }
+}
+
+/// A client that dropped while its room stayed open on the node is replayed
+/// from the room's memory: the stream is not read at all. And the room outlives
+/// its last member for a while, so that holds when everyone dropped at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_back_moments_later_is_replayed_from_the_rooms_memory() {
+    use pollcast_tests::stream::SwitchableStream;
+    let stream = Arc::new(SwitchableStream::default());
+    let options = Options {
+        stream: stream.clone(),
+        ..Options::default()
+    };
+    let t = TestServer::start_with(Backend::Sqlite, options).await;
+    let p = t.api.started_session().await;
+    let ada = t.api.join(&p.code, "Ada").await;
+    t.settle(&p.session_id).await;
+    // The presenter's screen holds the room open while the poll runs.
+    let mut screen = connect_after(&t, &p, &p.token, None, Format::Json).await;
+    let established = screen.expect("connection:established").await;
+    let seen = established["payload"]["lastEventId"]
+        .as_str()
+        .expect("events")
+        .to_owned();
+    let poll = t.api.active_poll(&p).await;
+    t.api
+        .vote(&id_of(&poll), &ada.token, &[&option_id(&poll, 0)])
+        .await
+        .expect(201);
+    // What the screen saw after `seen`, up to the vote's results (the last
+    // event: nothing else happens in the session).
+    let mut saw = Vec::new();
+    while saw.last().is_none_or(|t| t != "results:updated") {
+        let frame = screen.envelope().await;
+        saw.push(frame["eventType"].as_str().expect("type").to_owned());
+    }
+    drop(screen);
+    let edge = t.server.edge().expect("an edge");
+    tokio::time::timeout(Duration::from_secs(10), edge.all_closed())
+        .await
+        .expect("the screen's connection closed");
+    assert_eq!(edge.connections(), 0);
+
+    // The presenter again: a participant's connection adds presence events.
+    let reads = stream.reads();
+    let mut back = connect_after(&t, &p, &p.token, Some(&seen), Format::Json).await;
+    back.expect("connection:established").await;
+    let (replayed, reconnected) = replay_of(&mut back).await;
+    assert_eq!(replayed, saw);
+    assert_eq!(reconnected["payload"]["replayed"], replayed.len());
+    assert_eq!(reconnected["payload"]["recovered"], true);
+    assert_eq!(stream.reads(), reads, "the replay read the stream");
+}
+
+/// Clients that reconnect at once to a room this node does not hold yet (their
+/// node went away) fill the new room's memory from the stream once, between
+/// them, and each gets its whole replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_on_a_new_room_reads_the_stream_once() {
+    use pollcast_stream::EventStream;
+    use pollcast_tests::stream::SwitchableStream;
+    let stream = Arc::new(SwitchableStream::default());
+    let options = Options {
+        stream: stream.clone(),
+        ..Options::default()
+    };
+    let t = TestServer::start_with(Backend::Sqlite, options).await;
+    let p = t.api.started_session().await;
+    t.api.join(&p.code, "Ada").await;
+    t.api.active_poll(&p).await;
+    t.settle(&p.session_id).await;
+    let session: Uuid = p.session_id.parse().expect("uuid");
+    // All of them for a presenter.
+    let newest = stream
+        .newest(session)
+        .await
+        .expect("newest")
+        .expect("events");
+    let from = EventId::new(session, 1).to_string();
+    let reads = stream.reads();
+    // The first read of the log waits until all of them are connected (and every
+    // read after it fails): each replay has begun, and only one may read.
+    stream.arm_read_trap();
+    // Presenters: their connections report no presence, so the log stays as it is.
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        let mut client = connect_after(&t, &p, &p.token, Some(&from), Format::Json).await;
+        client.expect("connection:established").await;
+        clients.push(client);
+    }
+    tokio::time::timeout(Duration::from_secs(10), stream.first_read_waiting())
+        .await
+        .expect("a replay reads the log");
+    stream.release_first_read();
+    let replays = futures::future::join_all(clients.iter_mut().map(replay_of)).await;
+    for (replayed, reconnected) in &replays {
+        assert_eq!(reconnected["payload"]["recovered"], true);
+        assert_eq!(replayed.len() as u64, newest - 1, "{replayed:?}");
+        assert_eq!(replayed, &replays[0].0);
+    }
+    assert_eq!(
+        stream.reads() - reads,
+        1,
+        "the stream was read more than once"
+    );
 }

@@ -23,6 +23,8 @@ pub struct SwitchableStream {
     reported: [std::sync::atomic::AtomicUsize; 3],
     /// Events published again after the stream already held them.
     duplicates: std::sync::atomic::AtomicUsize,
+    /// Reads of the log (`read_after`) so far.
+    reads: std::sync::atomic::AtomicUsize,
     trap: ReadTrap,
 }
 
@@ -69,6 +71,11 @@ impl SwitchableStream {
     /// repeats what it could not mark as published).
     pub fn duplicates(&self) -> usize {
         self.duplicates.load(Ordering::SeqCst)
+    }
+
+    /// Reads of the log (`read_after`) so far, the failed ones included.
+    pub fn reads(&self) -> usize {
+        self.reads.load(Ordering::SeqCst)
     }
 
     /// From now on, the next `read_after` waits until
@@ -121,6 +128,7 @@ impl EventStream for SwitchableStream {
         after: u64,
         limit: usize,
     ) -> Result<ReadBatch, StreamError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
         if self.trap.armed.load(Ordering::SeqCst) {
             let n = self.trap.reads.fetch_add(1, Ordering::SeqCst);
             self.trap.arrived.notify_waiters();

@@ -31,7 +31,7 @@ use crate::outlet::{Backlog, Broken, Outlet, Queued};
 use crate::pager::{Page, Pager};
 use crate::query::{self, ConnectRequest};
 use crate::reader::{ClientReader, Inbound};
-use crate::room::Member;
+use crate::room::{Member, Room};
 
 /// How long a replay waits for the log to reach the newest event the connection
 /// was told about (a stream replica a moment behind) before it gives up and says
@@ -244,24 +244,28 @@ fn run<'a, R: AsyncRead + Unpin>(
         format: request.format,
         outlet: Arc::clone(&out.outlet),
     };
-    let mut connection = Connection {
-        edge,
-        out,
-        session_id,
-        claims,
-        connection_id,
-        live,
-    };
     async move {
-        if let Err(err) = edge
+        let room = match edge
             .inner
             .rooms
             .join(session_id, connection_id, member)
             .await
         {
-            let _ = Box::pin(connection.out.close(&err.into())).await;
-            return;
-        }
+            Ok(room) => room,
+            Err(err) => {
+                let _ = Box::pin(out.close(&err.into())).await;
+                return;
+            }
+        };
+        let mut connection = Connection {
+            edge,
+            out,
+            session_id,
+            claims,
+            connection_id,
+            live,
+            room,
+        };
         connection.presence(PresenceKind::Connected).await;
         let end = connection.serve(resume_from, reader).await;
         // From here on only this task writes: the room must not slip an event in
@@ -302,6 +306,8 @@ struct Connection<'e> {
     connection_id: Uuid,
     /// Events the room could not write itself.
     live: Backlog,
+    /// The session's room on this node, which this connection is a member of.
+    room: Arc<Room>,
 }
 
 impl Connection<'_> {
@@ -440,66 +446,33 @@ impl Connection<'_> {
     /// Sends every event after `from` this connection may see, then
     /// `connection:reconnected`. When the log no longer reaches `from`, sends
     /// nothing but `recovered: false`: a partial replay is never passed off as whole.
+    ///
+    /// What the room still holds in memory comes from there; only the rest is
+    /// read from the log (see [`crate::recent`]).
     async fn replay(&mut self, from: EventId) -> Result<(), Broken> {
         let started = std::time::Instant::now();
-        let stream = Arc::clone(&self.edge.inner.stream);
         let mut replayed = 0;
         let mut recovered = true;
         match from.position_in(self.session_id) {
             Err(_) => recovered = false,
             Ok(after) => {
-                // Everything up to `reach` must come from the log (the live queue
-                // holds only what is newer). A log that ends sooner is a replica
-                // behind the one `newest` asked: wait for it, briefly.
+                // Everything up to `reach` must come from the replay (the live
+                // queue holds only what is newer).
                 let reach = self.out.outlet.last();
-                let deadline = Instant::now() + REPLAY_PATIENCE;
-                let mut wait = Duration::from_millis(20);
-                let mut pager = Pager::new(&*stream, self.session_id, after);
-                loop {
-                    match pager.next().await {
-                        Ok(Page::Events(events)) => {
-                            for event in events {
-                                if self.may_see(&event) {
-                                    self.send_event(event).await?;
-                                    replayed += 1;
-                                }
-                            }
-                            // Passed on up to here, whatever the next read does:
-                            // a page may run past `reach` into what the room has
-                            // queued meanwhile, and a replay that fails after it
-                            // (`recovered: false`) must not let the queue send
-                            // those events again.
-                            let outlet = &self.out.outlet;
-                            outlet.set_last(outlet.last().max(pager.position()));
-                        }
-                        Ok(Page::End) if pager.position() >= reach => break,
-                        Ok(Page::Truncated) => {
-                            recovered = false;
-                            break;
-                        }
-                        Ok(Page::End) | Err(_) if Instant::now() < deadline => {
-                            tokio::time::sleep(wait).await;
-                            wait = (wait * 2).min(Duration::from_millis(500));
-                        }
-                        Ok(Page::End) => {
-                            tracing::warn!(
-                                reached = pager.position(),
-                                reach,
-                                "replay fell short of the newest event"
-                            );
-                            recovered = false;
-                            break;
-                        }
-                        Err(err) => {
-                            tracing::warn!(error = %err, "replay read failed");
-                            recovered = false;
-                            break;
-                        }
+                // Where the log takes over, if it must.
+                let mut log_from = Some(after);
+                if let Some((events, end)) = self.missed_in_room(after).await {
+                    for event in events {
+                        self.send_encoded(&event).await?;
+                        replayed += 1;
                     }
+                    self.pass(end);
+                    log_from = (end < reach).then_some(end);
                 }
-                if recovered {
-                    let outlet = &self.out.outlet;
-                    outlet.set_last(outlet.last().max(pager.position()));
+                if let Some(position) = log_from {
+                    let (sent, whole) = Box::pin(self.replay_log(position, reach)).await?;
+                    replayed += sent;
+                    recovered = whole;
                 }
             }
         }
@@ -514,10 +487,96 @@ impl Connection<'_> {
         self.out.send_connection(reconnected).await
     }
 
+    /// The events after `after` this connection may see, from the room's
+    /// window, which one replay at a time fills from the log when it does not
+    /// reach back far enough; and the position they run to. `None`: the
+    /// replay reads the log itself.
+    async fn missed_in_room(&self, after: u64) -> Option<(Vec<Arc<EncodedEvent>>, u64)> {
+        let wanted = |event: &SessionEvent| self.may_see(event);
+        if let Some(found) = self.room.recent_after(after, wanted) {
+            metrics::counter!("pollcast_edge_replay_sources_total", "source" => "room")
+                .increment(1);
+            return Some(found);
+        }
+        let warmed = self
+            .room
+            .warm(&*self.edge.inner.stream, after)
+            .await
+            .inspect_err(|err| tracing::debug!(error = %err, "room window not filled"));
+        let found = warmed
+            .ok()
+            .and_then(|()| self.room.recent_after(after, wanted));
+        let source = if found.is_some() { "room" } else { "log" };
+        metrics::counter!("pollcast_edge_replay_sources_total", "source" => source).increment(1);
+        found
+    }
+
+    /// Sends the events after `after` this connection may see, from the log,
+    /// up to at least `reach`: how many were sent, and whether the log reached
+    /// that far. A log that ends sooner is a replica behind the one `newest`
+    /// asked: it is waited for, briefly.
+    async fn replay_log(&mut self, after: u64, reach: u64) -> Result<(u64, bool), Broken> {
+        let stream = Arc::clone(&self.edge.inner.stream);
+        let deadline = Instant::now() + REPLAY_PATIENCE;
+        let mut wait = Duration::from_millis(20);
+        let mut pager = Pager::new(&*stream, self.session_id, after);
+        let mut sent = 0;
+        loop {
+            match pager.next().await {
+                Ok(Page::Events(events)) => {
+                    for event in events {
+                        if self.may_see(&event) {
+                            self.send_event(event).await?;
+                            sent += 1;
+                        }
+                    }
+                    // Passed on up to here, whatever the next read does: a page
+                    // may run past `reach` into what the room has queued
+                    // meanwhile, and a replay that fails after it (`recovered:
+                    // false`) must not let the queue send those events again.
+                    self.pass(pager.position());
+                }
+                Ok(Page::End) if pager.position() >= reach => {
+                    // The client has everything up to where it said.
+                    self.pass(pager.position());
+                    return Ok((sent, true));
+                }
+                Ok(Page::Truncated) => return Ok((sent, false)),
+                Ok(Page::End) | Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_millis(500));
+                }
+                Ok(Page::End) => {
+                    tracing::warn!(
+                        reached = pager.position(),
+                        reach,
+                        "replay fell short of the newest event"
+                    );
+                    return Ok((sent, false));
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "replay read failed");
+                    return Ok((sent, false));
+                }
+            }
+        }
+    }
+
+    /// Marks every event up to `position` passed on: the queue skips them.
+    fn pass(&self, position: u64) {
+        let outlet = &self.out.outlet;
+        outlet.set_last(outlet.last().max(position));
+    }
+
     /// Encodes a replayed event for this connection alone and sends it.
     async fn send_event(&mut self, event: Arc<SessionEvent>) -> Result<(), Broken> {
-        let encoded = EncodedEvent::new(event);
-        match encoded.framed(self.out.format) {
+        self.send_encoded(&EncodedEvent::new(event)).await
+    }
+
+    /// Sends a replayed event in this connection's format (encoding it if no
+    /// one has in that format yet).
+    async fn send_encoded(&mut self, event: &EncodedEvent) -> Result<(), Broken> {
+        match event.framed(self.out.format) {
             Some(frame) => self.out.outlet.write_frame(frame.bytes(), true).await,
             None => Ok(()),
         }

@@ -8,7 +8,8 @@
 //!
 //! Files follow the life of a connection: [`query`] (what the client asked for),
 //! [`limits`] (may it connect), [`room`] (the session's fan-out), [`frame`] (bytes
-//! encoded once per format), [`pager`] (reading the log after a position),
+//! encoded once per format), [`recent`] (a room's recent events, for replays),
+//! [`pager`] (reading the log after a position),
 //! `connection` (the per-connection task: replay, live events, heartbeat, closing),
 //! `reader` (client frames), [`close`] (every reason to close, and its codes).
 
@@ -36,6 +37,7 @@ pub mod outlet;
 pub mod pager;
 pub mod query;
 mod reader;
+pub mod recent;
 pub mod room;
 
 /// Settings of an edge node.
@@ -69,6 +71,13 @@ pub struct EdgeConfig {
     /// Browser origins whose pages may connect (others get 4403). Empty: any
     /// origin, and clients that send none.
     pub allowed_origins: Vec<Origin>,
+    /// How long a room stays open (subscribed, keeping its recent events for
+    /// replays) after its last member left.
+    pub room_linger: Duration,
+    /// Bytes of recent events a room keeps in memory per member, for the
+    /// replays of clients that reconnect (at least 256 KiB a room, at most
+    /// 32 MiB). 0 keeps none: every replay reads the event stream.
+    pub room_window_per_member: usize,
 }
 
 impl Default for EdgeConfig {
@@ -84,6 +93,8 @@ impl Default for EdgeConfig {
             session_wait: Duration::from_secs(2),
             socket_send_buffer: Some(256 * 1024),
             allowed_origins: Vec::new(),
+            room_linger: room::LINGER,
+            room_window_per_member: recent::BUDGET_PER_MEMBER,
         }
     }
 }
@@ -98,7 +109,7 @@ struct Inner {
     config: EdgeConfig,
     stream: Arc<dyn EventStream>,
     keys: TokenKeys,
-    rooms: room::Rooms,
+    rooms: Arc<room::Rooms>,
     limits: limits::Limits,
     /// Turns true when the node shuts down; every connection watches it.
     shutdown: watch::Sender<bool>,
@@ -113,7 +124,11 @@ impl Edge {
         );
         Self {
             inner: Arc::new(Inner {
-                rooms: room::Rooms::new(Arc::clone(&stream)),
+                rooms: Arc::new(room::Rooms::new(
+                    Arc::clone(&stream),
+                    config.room_linger,
+                    config.room_window_per_member,
+                )),
                 config,
                 stream,
                 keys,
@@ -135,12 +150,17 @@ impl Edge {
         self.inner.limits.open()
     }
 
+    /// Resolves once no connection is open on this node (each one's room left).
+    pub async fn all_closed(&self) {
+        self.inner.limits.all_closed().await;
+    }
+
     /// Closes every connection with 1001 after flushing what was queued for it,
     /// and waits (at most the configured grace) until they are gone.
     pub async fn shutdown(&self) {
         let _ = self.inner.shutdown.send(true);
         let grace = self.inner.config.shutdown_grace;
-        if tokio::time::timeout(grace, self.inner.limits.all_closed())
+        if tokio::time::timeout(grace, self.all_closed())
             .await
             .is_err()
         {

@@ -2,8 +2,14 @@
 //! subscribes to its session's stream once, and hands each event (encoded once per
 //! format) to the connections allowed to see it. It never waits for a connection:
 //! a full send queue marks that connection a slow consumer and removes it.
+//!
+//! A room keeps its most recent events ([`Recent`]) for the replays of clients
+//! that reconnect, and stays open for [`LINGER`] after its last member left:
+//! when every client of a room drops at once (the venue's network blinked), the
+//! window is still there when they come back.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -16,6 +22,7 @@ use uuid::Uuid;
 use crate::frame::EncodedEvent;
 use crate::outlet::{Offered, Outlet};
 use crate::pager::{Page, Pager};
+use crate::recent::{self, Recent};
 
 /// First wait before a catch-up that came up short is tried again; it doubles up
 /// to [`CATCH_UP_RETRY_MAX`].
@@ -29,6 +36,9 @@ const BURST: usize = crate::outlet::MAX_SLICES;
 /// Members from which a dispatch (one socket write each) hands the worker's other
 /// tasks to another thread first; below it, the hand-off costs more than it saves.
 const LARGE_ROOM: usize = 256;
+/// How long a room stays open, subscribed and keeping its recent events, after
+/// its last member left.
+pub const LINGER: Duration = Duration::from_secs(10);
 
 /// A connection as its room sees it.
 pub struct Member {
@@ -46,6 +56,16 @@ pub struct Member {
 pub struct Room {
     session_id: Uuid,
     members: Mutex<HashMap<Uuid, Member>>,
+    /// The most recent events, for replays.
+    recent: Mutex<Recent>,
+    /// One replay at a time fills the window from the log; the others wait and
+    /// find it filled.
+    warming: tokio::sync::Mutex<()>,
+    /// Bytes of recent events kept per member; 0 keeps none.
+    window_per_member: usize,
+    /// Counts the times the room was left empty: a lingering close goes ahead
+    /// only if nobody came and went since it was planned.
+    vacated: std::sync::atomic::AtomicU64,
     /// Tells the room's task to stop once the last member left.
     stop: Notify,
 }
@@ -53,6 +73,66 @@ pub struct Room {
 impl Room {
     fn members(&self) -> MutexGuard<'_, HashMap<Uuid, Member>> {
         self.members.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn recent(&self) -> MutexGuard<'_, Recent> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What the window may hold now.
+    fn budget(&self) -> usize {
+        recent::budget(self.members().len(), self.window_per_member)
+    }
+
+    /// The events after `after` that `wanted` accepts and the position they run
+    /// to, from memory; `None` when the room's window does not reach back to
+    /// `after`. Every event past that position is still to be dispatched, so a
+    /// member asking gets it from its queue.
+    pub fn recent_after(
+        &self,
+        after: u64,
+        wanted: impl FnMut(&SessionEvent) -> bool,
+    ) -> Option<(Vec<Arc<EncodedEvent>>, u64)> {
+        self.recent().after(after, wanted)
+    }
+
+    /// Reads from the log what the window lacks back to `after`, and puts it in
+    /// front, if it fits the room's budget; one caller at a time, so the
+    /// clients of a reconnect storm read the log once. Afterwards
+    /// [`Room::recent_after`] answers or the caller reads the log itself.
+    pub async fn warm(&self, stream: &dyn EventStream, after: u64) -> Result<(), StreamError> {
+        let budget = self.budget();
+        if budget == 0 {
+            return Ok(());
+        }
+        let _alone = self.warming.lock().await;
+        let start = self.recent().start();
+        if after >= start {
+            return Ok(());
+        }
+        let mut older = Vec::new();
+        let mut cost = 0;
+        let mut pager = Pager::new(stream, self.session_id, after);
+        while pager.position() < start {
+            let Page::Events(events) = pager.next().await? else {
+                // Truncated: the log itself does not reach back. End: it is
+                // behind the room (a replica), and cannot fill the window either.
+                return Ok(());
+            };
+            for event in events {
+                if event.position > start {
+                    break;
+                }
+                let event = Arc::new(EncodedEvent::new(event));
+                cost += recent::cost(&event);
+                if cost > budget {
+                    return Ok(());
+                }
+                older.push(event);
+            }
+        }
+        self.recent().prepend(older, budget);
+        Ok(())
     }
 
     /// Hands events (consecutive, in order) to every member allowed to see them,
@@ -81,6 +161,15 @@ impl Room {
             .map(|event| Arc::new(EncodedEvent::new(Arc::clone(event))))
             .collect();
         let started = std::time::Instant::now();
+        // Into the window before any member is offered them: a replay that
+        // looks at the window after joining either finds an event there or is
+        // offered it as a member.
+        let budget = self.budget();
+        let mut recent = self.recent();
+        for event in &encoded {
+            recent.push(Arc::clone(event), budget);
+        }
+        drop(recent);
         // One member's share of the events, made again for each member.
         let mut share: Vec<(&Arc<EncodedEvent>, &[u8])> = Vec::with_capacity(encoded.len());
         self.members().retain(|_, member| {
@@ -106,28 +195,36 @@ impl Room {
 /// The rooms of this node.
 pub struct Rooms {
     stream: Arc<dyn EventStream>,
+    /// How long an empty room stays open.
+    linger: Duration,
+    /// Bytes of recent events a room keeps per member.
+    window_per_member: usize,
     /// An async mutex: creating a room subscribes to the stream, which awaits.
     rooms: tokio::sync::Mutex<HashMap<Uuid, Arc<Room>>>,
 }
 
 impl Rooms {
-    /// No rooms yet.
-    pub fn new(stream: Arc<dyn EventStream>) -> Self {
+    /// No rooms yet; an empty room stays open for `linger`, and a room keeps
+    /// `window_per_member` bytes of recent events per member (within bounds;
+    /// 0 keeps none, and every replay reads the log).
+    pub fn new(stream: Arc<dyn EventStream>, linger: Duration, window_per_member: usize) -> Self {
         Self {
             stream,
+            linger,
+            window_per_member,
             rooms: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
 
     /// Adds a connection to its session's room, opening the room (one stream
-    /// subscription) if it is the first. From this moment on, every event of the
+    /// subscription) if there is none. From this moment on, every event of the
     /// session that the member may see is queued for it.
     pub async fn join(
         &self,
         session_id: Uuid,
         connection: Uuid,
         member: Member,
-    ) -> Result<(), StreamError> {
+    ) -> Result<Arc<Room>, StreamError> {
         let mut rooms = self.rooms.lock().await;
         let room = match rooms.get(&session_id) {
             Some(room) => Arc::clone(room),
@@ -137,6 +234,10 @@ impl Rooms {
                 let room = Arc::new(Room {
                     session_id,
                     members: Mutex::new(HashMap::new()),
+                    recent: Mutex::new(Recent::new(newest)),
+                    warming: tokio::sync::Mutex::new(()),
+                    window_per_member: self.window_per_member,
+                    vacated: AtomicU64::new(0),
                     stop: Notify::new(),
                 });
                 // Outside tokio's cooperative budget: a dispatch writes to every
@@ -156,25 +257,48 @@ impl Rooms {
             }
         };
         room.members().insert(connection, member);
-        Ok(())
+        Ok(room)
     }
 
-    /// Removes a connection; closes the room when it was the last.
-    pub async fn leave(&self, session_id: Uuid, connection: Uuid) {
+    /// Removes a connection. A room left empty closes after [`LINGER`], unless
+    /// someone joins it meanwhile.
+    pub async fn leave(self: &Arc<Self>, session_id: Uuid, connection: Uuid) {
+        let rooms = self.rooms.lock().await;
+        let Some(room) = rooms.get(&session_id) else {
+            return;
+        };
+        let mut members = room.members();
+        if members.remove(&connection).is_none() || !members.is_empty() {
+            return;
+        }
+        let vacated = room.vacated.fetch_add(1, Ordering::AcqRel) + 1;
+        drop(members);
+        drop(rooms);
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(this.linger).await;
+            this.close_if_vacated(session_id, vacated).await;
+        });
+    }
+
+    /// Closes the room if it is still empty since it was left empty the
+    /// `vacated`th time.
+    async fn close_if_vacated(&self, session_id: Uuid, vacated: u64) {
         let mut rooms = self.rooms.lock().await;
         let Some(room) = rooms.get(&session_id) else {
             return;
         };
-        let empty = {
-            let mut members = room.members();
-            members.remove(&connection);
-            members.is_empty()
-        };
-        if empty {
-            room.stop.notify_one();
-            rooms.remove(&session_id);
-            metrics::gauge!("pollcast_ws_rooms").decrement(1.0);
+        if room.vacated.load(Ordering::Acquire) != vacated || !room.members().is_empty() {
+            return;
         }
+        room.stop.notify_one();
+        rooms.remove(&session_id);
+        metrics::gauge!("pollcast_ws_rooms").decrement(1.0);
+    }
+
+    /// Whether this node has a room open for `session_id`.
+    pub async fn is_open(&self, session_id: Uuid) -> bool {
+        self.rooms.lock().await.contains_key(&session_id)
     }
 }
 
@@ -281,6 +405,7 @@ async fn catch_up(
                 for member in room.members().values() {
                     member.outlet.overflow();
                 }
+                room.recent().skip_to(newest);
                 *last = newest;
                 return Ok(());
             }
@@ -335,9 +460,13 @@ mod tests {
     }
 
     /// An embedded stream holding one event of a new session, and its rooms.
-    async fn session_with_one_event() -> (Arc<dyn EventStream>, Rooms, Uuid) {
+    async fn session_with_one_event() -> (Arc<dyn EventStream>, Arc<Rooms>, Uuid) {
         let stream: Arc<dyn EventStream> = Arc::new(EmbeddedStream::default());
-        let rooms = Rooms::new(Arc::clone(&stream));
+        let rooms = Arc::new(Rooms::new(
+            Arc::clone(&stream),
+            LINGER,
+            recent::BUDGET_PER_MEMBER,
+        ));
         let session = Uuid::now_v7();
         stream
             .publish(event(session, 1, "setup"))
@@ -419,5 +548,96 @@ mod tests {
             slow_got < 20,
             "the slow member was cut off after {slow_got}"
         );
+    }
+
+    fn positions(found: Option<(Vec<Arc<EncodedEvent>>, u64)>) -> Option<Vec<u64>> {
+        found.map(|(events, _)| events.iter().map(|e| e.position()).collect())
+    }
+
+    #[tokio::test]
+    async fn the_window_holds_what_the_room_dispatched() {
+        let (stream, rooms, session) = session_with_one_event().await;
+        let (member, mut rx) = presenter(WireFormat::Json, 1 << 20);
+        let room = rooms
+            .join(session, Uuid::now_v7(), member)
+            .await
+            .expect("join");
+        assert_eq!(positions(room.recent_after(1, |_| true)), Some(vec![]));
+        assert_eq!(
+            positions(room.recent_after(0, |_| true)),
+            None,
+            "before the room"
+        );
+        for position in 2..=5 {
+            stream
+                .publish(event(session, position, "Ada"))
+                .await
+                .expect("publish");
+        }
+        for position in 2..=5 {
+            assert_eq!(
+                received(&mut rx).await.map(|e| e.position()),
+                Some(position)
+            );
+        }
+        assert_eq!(
+            positions(room.recent_after(2, |_| true)),
+            Some(vec![3, 4, 5])
+        );
+        // Filled from the log back to the start, once asked.
+        room.warm(&*stream, 0).await.expect("warm");
+        assert_eq!(
+            positions(room.recent_after(0, |_| true)),
+            Some(vec![1, 2, 3, 4, 5])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_room_without_a_window_keeps_nothing_and_reads_nothing() {
+        let stream: Arc<dyn EventStream> = Arc::new(EmbeddedStream::default());
+        let rooms = Arc::new(Rooms::new(Arc::clone(&stream), LINGER, 0));
+        let session = Uuid::now_v7();
+        stream
+            .publish(event(session, 1, "setup"))
+            .await
+            .expect("publish");
+        let (member, mut rx) = presenter(WireFormat::Json, 1 << 20);
+        let room = rooms
+            .join(session, Uuid::now_v7(), member)
+            .await
+            .expect("join");
+        stream
+            .publish(event(session, 2, "Ada"))
+            .await
+            .expect("publish");
+        assert!(received(&mut rx).await.is_some());
+        room.warm(&*stream, 0).await.expect("warm");
+        assert_eq!(positions(room.recent_after(1, |_| true)), None);
+        assert_eq!(positions(room.recent_after(2, |_| true)), Some(vec![]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_room_stays_open_for_the_linger_unless_someone_comes() {
+        let (_stream, rooms, session) = session_with_one_event().await;
+        let join = |id| {
+            let rooms = Arc::clone(&rooms);
+            async move {
+                let (member, _rx) = presenter(WireFormat::Json, 1 << 20);
+                rooms.join(session, id, member).await.expect("join")
+            }
+        };
+        let (first, second) = (Uuid::now_v7(), Uuid::now_v7());
+        let room = join(first).await;
+        rooms.leave(session, first).await;
+        tokio::time::sleep(LINGER / 2).await;
+        // Back within the linger: the same room, then empty again.
+        let again = join(second).await;
+        assert!(Arc::ptr_eq(&room, &again), "the room was kept");
+        rooms.leave(session, second).await;
+        // The first close was planned for now; the room was used since.
+        tokio::time::sleep(LINGER / 2 + Duration::from_millis(1)).await;
+        assert!(rooms.is_open(session).await, "closed by an outdated plan");
+        tokio::time::sleep(LINGER / 2).await;
+        assert!(!rooms.is_open(session).await, "still open past the linger");
     }
 }

@@ -216,6 +216,11 @@ pub struct ServeArgs {
     /// Bytes queued for one connection before it is closed as a slow consumer (4500).
     #[arg(long, env = "POLLCAST_SEND_QUEUE_BYTES", default_value_t = 1 << 20)]
     pub send_queue_bytes: usize,
+    /// Bytes of recent events a room keeps in memory per member, so that a
+    /// reconnecting client's replay need not read the event stream (a room
+    /// keeps at least 256 KiB, at most 32 MiB); 0 keeps none.
+    #[arg(long, env = "POLLCAST_ROOM_WINDOW_PER_MEMBER", default_value_t = pollcast_edge::recent::BUDGET_PER_MEMBER)]
+    pub room_window_per_member: usize,
     /// Writes per second per token holder (0: unlimited).
     #[arg(long, env = "POLLCAST_WRITES_PER_SECOND", default_value_t = RateLimitConfig::default().writes_per_second)]
     pub writes_per_second: u32,
@@ -360,6 +365,7 @@ impl ServeArgs {
             max_connections: self.max_connections,
             max_connections_per_participant: self.max_connections_per_participant,
             send_queue_bytes: self.send_queue_bytes,
+            room_window_per_member: self.room_window_per_member,
             allowed_origins: self.ws_origins.clone(),
             ..EdgeConfig::default()
         }

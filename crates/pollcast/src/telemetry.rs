@@ -74,7 +74,7 @@ pub const HISTOGRAMS: [(&str, &str); 8] = [
 ];
 
 /// Every counter, with its `# HELP`.
-pub const COUNTERS: [(&str, &str); 14] = [
+pub const COUNTERS: [(&str, &str); 15] = [
     (
         "pollcast_ws_frames_sent_total",
         "WebSocket data frames written to clients, by format",
@@ -113,6 +113,10 @@ pub const COUNTERS: [(&str, &str); 14] = [
         "WebSocket clients dropped for a write that did not complete",
     ),
     (
+        "pollcast_edge_replay_sources_total",
+        "Replays by where their events came from: the room's recent events in memory, or the event stream",
+    ),
+    (
         "pollcast_edge_event_encodings_total",
         "Events encoded for the wire (once per event and format on each edge)",
     ),
@@ -138,7 +142,7 @@ pub const GAUGES: [(&str, &str); 3] = [
     ),
     (
         "pollcast_ws_rooms",
-        "Session rooms with members on this node",
+        "Session rooms open on this node (with members, or for a short while after the last left)",
     ),
     (
         "pollcast_outbox_pending",
@@ -209,6 +213,9 @@ fn register() {
     }
     for recovered in ["true", "false"] {
         metrics::counter!("pollcast_replays_total", "recovered" => recovered).absolute(0);
+    }
+    for source in ["room", "log"] {
+        metrics::counter!("pollcast_edge_replay_sources_total", "source" => source).absolute(0);
     }
     metrics::counter!("pollcast_votes_total", "outcome" => "accepted").absolute(0);
     for code in ["1001", "4408", "4429", "4500"] {

@@ -165,6 +165,9 @@ async fn every_metric_is_described_from_the_start_and_moves_with_what_it_counts(
     drop((screen, again));
     until(&server, "replay, close and disconnects counted", |text| {
         sample(text, "pollcast_replays_total", &[("recovered", "true")]) == Some(1.0)
+            // The screen kept the room open: the replay came from its memory.
+            && sample(text, "pollcast_edge_replay_sources_total", &[("source", "room")])
+                == Some(1.0)
             && sample(text, "pollcast_ws_closes_total", &[("code", "4401")]) == Some(1.0)
             && sample(
                 text,
