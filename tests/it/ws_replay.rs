@@ -510,3 +510,42 @@ async fn a_storm_on_a_new_room_reads_the_stream_once() {
         "the stream was read more than once"
     );
 }
+
+/// A room a moment behind the stream (a loaded edge's) dispatches what it is
+/// missing by itself: a replay that needs it waits for the room rather than
+/// read the stream, and still ends whole. (Whether the replay looks before or
+/// after the room catches up is up to the scheduler; the wait itself is the
+/// room's unit test `a_wait_for_the_room_ends_when_it_dispatches_or_at_the_deadline`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_waits_for_a_room_behind_the_stream_rather_than_read_it() {
+    use pollcast_tests::stream::SwitchableStream;
+    let stream = Arc::new(SwitchableStream::default());
+    let options = Options {
+        stream: stream.clone(),
+        ..Options::default()
+    };
+    let t = TestServer::start_with(Backend::Sqlite, options).await;
+    let p = t.api.started_session().await;
+    t.settle(&p.session_id).await;
+    let mut screen = connect_after(&t, &p, &p.token, None, Format::Json).await;
+    let established = screen.expect("connection:established").await;
+    let seen = established["payload"]["lastEventId"]
+        .as_str()
+        .expect("events")
+        .to_owned();
+    // In the stream, not yet in the room.
+    stream.hold_live(true);
+    t.api.active_poll(&p).await;
+    t.settle(&p.session_id).await;
+
+    let reads = stream.reads();
+    let mut back = connect_after(&t, &p, &p.token, Some(&seen), Format::Json).await;
+    back.expect("connection:established").await;
+    stream.hold_live(false);
+    let (replayed, reconnected) = replay_of(&mut back).await;
+    assert_eq!(replayed, ["poll:created", "poll:activated"]);
+    assert_eq!(reconnected["payload"]["recovered"], true);
+    assert_eq!(stream.reads(), reads, "the replay read the stream");
+    screen.expect("poll:created").await;
+    screen.expect("poll:activated").await;
+}

@@ -2,7 +2,8 @@
 //! between commit and publish. It wraps the real embedded engine; while off, every
 //! call fails the way an unreachable engine does. A read trap makes the next
 //! read of the log wait for the test and every read after it fail, as a replay
-//! whose engine stops answering midway.
+//! whose engine stops answering midway. Holding the live events back makes
+//! the rooms fall behind the log, as a loaded edge's do.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,12 +11,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use async_trait::async_trait;
 use pollcast_protocol::{PresenceKind, PresenceSignal, SessionEvent};
 use pollcast_stream::{
-    EmbeddedStream, EventStream, PresenceFeed, Published, ReadBatch, StreamError, Subscription,
+    EmbeddedStream, EventStream, LiveEvents, PresenceFeed, Published, ReadBatch, StreamError,
+    Subscription,
 };
 use uuid::Uuid;
 
 /// An embedded stream with an on/off switch.
-#[derive(Default)]
 pub struct SwitchableStream {
     inner: EmbeddedStream,
     down: AtomicBool,
@@ -26,6 +27,10 @@ pub struct SwitchableStream {
     /// Reads of the log (`read_after`) so far.
     reads: std::sync::atomic::AtomicUsize,
     trap: ReadTrap,
+    /// Subscriptions numbered below this hand out no live events.
+    held: tokio::sync::watch::Sender<u64>,
+    /// The next subscription's number.
+    subscriptions: std::sync::atomic::AtomicU64,
 }
 
 /// See [`SwitchableStream::arm_read_trap`].
@@ -36,6 +41,21 @@ struct ReadTrap {
     arrived: tokio::sync::Notify,
     /// The first read passes when it gets a permit.
     release: tokio::sync::Semaphore,
+}
+
+impl Default for SwitchableStream {
+    fn default() -> Self {
+        Self {
+            inner: EmbeddedStream::default(),
+            down: AtomicBool::new(false),
+            reported: Default::default(),
+            duplicates: Default::default(),
+            reads: Default::default(),
+            trap: ReadTrap::default(),
+            held: tokio::sync::watch::channel(0).0,
+            subscriptions: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
 }
 
 impl Default for ReadTrap {
@@ -76,6 +96,19 @@ impl SwitchableStream {
     /// Reads of the log (`read_after`) so far, the failed ones included.
     pub fn reads(&self) -> usize {
         self.reads.load(Ordering::SeqCst)
+    }
+
+    /// Holds back the live events of every subscription open now (`true`), or
+    /// lets them go: the stream has the events, the rooms do not see them yet,
+    /// as a loaded edge's rooms fall behind. Later subscriptions are not held,
+    /// so a test can still follow the stream.
+    pub fn hold_live(&self, held: bool) {
+        let below = if held {
+            self.subscriptions.load(Ordering::SeqCst)
+        } else {
+            0
+        };
+        self.held.send_replace(below);
     }
 
     /// From now on, the next `read_after` waits until
@@ -145,7 +178,11 @@ impl EventStream for SwitchableStream {
     }
 
     async fn subscribe(&self, session: Uuid) -> Result<Subscription, StreamError> {
-        self.inner.subscribe(session).await
+        Ok(Box::new(Held {
+            inner: self.inner.subscribe(session).await?,
+            number: self.subscriptions.fetch_add(1, Ordering::SeqCst),
+            held: self.held.subscribe(),
+        }))
     }
 
     async fn ping(&self) -> Result<(), StreamError> {
@@ -160,5 +197,24 @@ impl EventStream for SwitchableStream {
 
     async fn presence(&self) -> Result<PresenceFeed, StreamError> {
         self.inner.presence().await
+    }
+}
+
+/// A subscription that hands nothing out while the stream holds it.
+struct Held {
+    inner: Subscription,
+    number: u64,
+    held: tokio::sync::watch::Receiver<u64>,
+}
+
+#[async_trait]
+impl LiveEvents for Held {
+    async fn next(&mut self) -> Result<Arc<SessionEvent>, StreamError> {
+        // Both waits are cancel-safe, as a subscription's `next` must be.
+        let number = self.number;
+        if self.held.wait_for(|&below| number >= below).await.is_err() {
+            return Err(StreamError::Closed);
+        }
+        self.inner.next().await
     }
 }

@@ -462,18 +462,31 @@ impl Connection<'_> {
                 // Where the log takes over, if it must.
                 let mut log_from = Some(after);
                 if let Some((events, end)) = self.missed_in_room(after).await {
-                    for event in events {
-                        self.send_encoded(&event).await?;
-                        replayed += 1;
+                    replayed += self.send_all(&events, end).await?;
+                    let mut position = end;
+                    // The room may be a moment behind the stream: wait for it
+                    // (briefly) rather than read the stream for what it is about
+                    // to dispatch.
+                    let deadline = Instant::now() + REPLAY_PATIENCE;
+                    while position < reach && self.room.reached(reach, deadline).await {
+                        let wanted = |event: &SessionEvent| self.may_see(event);
+                        let Some((events, end)) = self.room.recent_after(position, wanted) else {
+                            // Dropped from the window meanwhile.
+                            break;
+                        };
+                        replayed += self.send_all(&events, end).await?;
+                        position = end;
                     }
-                    self.pass(end);
-                    log_from = (end < reach).then_some(end);
+                    log_from = (position < reach).then_some(position);
                 }
                 if let Some(position) = log_from {
                     let (sent, whole) = Box::pin(self.replay_log(position, reach)).await?;
                     replayed += sent;
                     recovered = whole;
                 }
+                let source = if log_from.is_some() { "log" } else { "room" };
+                metrics::counter!("pollcast_edge_replay_sources_total", "source" => source)
+                    .increment(1);
             }
         }
         metrics::histogram!("pollcast_edge_replay_seconds").record(started.elapsed().as_secs_f64());
@@ -494,8 +507,6 @@ impl Connection<'_> {
     async fn missed_in_room(&self, after: u64) -> Option<(Vec<Arc<EncodedEvent>>, u64)> {
         let wanted = |event: &SessionEvent| self.may_see(event);
         if let Some(found) = self.room.recent_after(after, wanted) {
-            metrics::counter!("pollcast_edge_replay_sources_total", "source" => "room")
-                .increment(1);
             return Some(found);
         }
         let warmed = self
@@ -503,12 +514,19 @@ impl Connection<'_> {
             .warm(&*self.edge.inner.stream, after)
             .await
             .inspect_err(|err| tracing::debug!(error = %err, "room window not filled"));
-        let found = warmed
+        warmed
             .ok()
-            .and_then(|()| self.room.recent_after(after, wanted));
-        let source = if found.is_some() { "room" } else { "log" };
-        metrics::counter!("pollcast_edge_replay_sources_total", "source" => source).increment(1);
-        found
+            .and_then(|()| self.room.recent_after(after, wanted))
+    }
+
+    /// Sends replayed events from the room's window, then marks everything up
+    /// to `end` passed on; how many were sent.
+    async fn send_all(&mut self, events: &[Arc<EncodedEvent>], end: u64) -> Result<u64, Broken> {
+        for event in events {
+            self.send_encoded(event).await?;
+        }
+        self.pass(end);
+        Ok(events.len() as u64)
     }
 
     /// Sends the events after `after` this connection may see, from the log,

@@ -61,6 +61,8 @@ pub struct Room {
     /// One replay at a time fills the window from the log; the others wait and
     /// find it filled.
     warming: tokio::sync::Mutex<()>,
+    /// Wakes the replays waiting for the window to reach a position.
+    progress: Notify,
     /// Bytes of recent events kept per member; 0 keeps none.
     window_per_member: usize,
     /// Counts the times the room was left empty: a lingering close goes ahead
@@ -94,6 +96,25 @@ impl Room {
         wanted: impl FnMut(&SessionEvent) -> bool,
     ) -> Option<(Vec<Arc<EncodedEvent>>, u64)> {
         self.recent().after(after, wanted)
+    }
+
+    /// Waits until the window reaches `position` (the room dispatched it), at
+    /// most until `deadline`; whether it did. A room a moment behind the stream
+    /// (under load, a burst) gets there by itself, and the replays waiting for
+    /// it read nothing from the stream.
+    pub async fn reached(&self, position: u64, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let progressed = self.progress.notified();
+            tokio::pin!(progressed);
+            // Registered before the look: a push in between still wakes it.
+            progressed.as_mut().enable();
+            if self.recent().end() >= position {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, progressed).await.is_err() {
+                return false;
+            }
+        }
     }
 
     /// Reads from the log what the window lacks back to `after`, and puts it in
@@ -170,6 +191,7 @@ impl Room {
             recent.push(Arc::clone(event), budget);
         }
         drop(recent);
+        self.progress.notify_waiters();
         // One member's share of the events, made again for each member.
         let mut share: Vec<(&Arc<EncodedEvent>, &[u8])> = Vec::with_capacity(encoded.len());
         self.members().retain(|_, member| {
@@ -236,6 +258,7 @@ impl Rooms {
                     members: Mutex::new(HashMap::new()),
                     recent: Mutex::new(Recent::new(newest)),
                     warming: tokio::sync::Mutex::new(()),
+                    progress: Notify::new(),
                     window_per_member: self.window_per_member,
                     vacated: AtomicU64::new(0),
                     stop: Notify::new(),
@@ -406,6 +429,7 @@ async fn catch_up(
                     member.outlet.overflow();
                 }
                 room.recent().skip_to(newest);
+                room.progress.notify_waiters();
                 *last = newest;
                 return Ok(());
             }
@@ -639,5 +663,30 @@ mod tests {
         assert!(rooms.is_open(session).await, "closed by an outdated plan");
         tokio::time::sleep(LINGER / 2).await;
         assert!(!rooms.is_open(session).await, "still open past the linger");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_for_the_room_ends_when_it_dispatches_or_at_the_deadline() {
+        let (stream, rooms, session) = session_with_one_event().await;
+        let (member, _rx) = presenter(WireFormat::Json, 1 << 20);
+        let room = rooms
+            .join(session, Uuid::now_v7(), member)
+            .await
+            .expect("join");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        // `join!` polls in order: the wait is registered before the events come.
+        let (reached, ()) = tokio::join!(room.reached(3, deadline), async {
+            for position in 2..=3 {
+                stream
+                    .publish(event(session, position, "Ada"))
+                    .await
+                    .expect("publish");
+            }
+        });
+        assert!(reached, "woken by the dispatch");
+        assert!(tokio::time::Instant::now() < deadline);
+        let later = tokio::time::Instant::now() + Duration::from_secs(1);
+        assert!(!room.reached(4, later).await, "nothing came");
+        assert!(tokio::time::Instant::now() >= later);
     }
 }

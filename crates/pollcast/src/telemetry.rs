@@ -114,7 +114,7 @@ pub const COUNTERS: [(&str, &str); 15] = [
     ),
     (
         "pollcast_edge_replay_sources_total",
-        "Replays by where their events came from: the room's recent events in memory, or the event stream",
+        "Replays served from the room's recent events in memory alone (room), or reading the event stream (log)",
     ),
     (
         "pollcast_edge_event_encodings_total",
