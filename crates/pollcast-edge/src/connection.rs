@@ -464,11 +464,16 @@ impl Connection<'_> {
                 if let Some((events, end)) = self.missed_in_room(after).await {
                     replayed += self.send_all(&events, end).await?;
                     let mut position = end;
-                    // The room may be a moment behind the stream: wait for it
-                    // (briefly) rather than read the stream for what it is about
-                    // to dispatch.
-                    let deadline = Instant::now() + REPLAY_PATIENCE;
-                    while position < reach && self.room.reached(reach, deadline).await {
+                    // The room may be behind the stream: wait for it as long as
+                    // it moves, rather than read the stream for what it is about
+                    // to dispatch. Under load (a storm) 10 000 replays reading
+                    // the stream would put the room further behind.
+                    while position < reach
+                        && self
+                            .room
+                            .advanced_past(position, Instant::now() + REPLAY_PATIENCE)
+                            .await
+                    {
                         let wanted = |event: &SessionEvent| self.may_see(event);
                         let Some((events, end)) = self.room.recent_after(position, wanted) else {
                             // Dropped from the window meanwhile.

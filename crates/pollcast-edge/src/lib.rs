@@ -7,7 +7,8 @@
 //! stream; presence goes back to the domain through the stream.
 //!
 //! Files follow the life of a connection: [`query`] (what the client asked for),
-//! [`limits`] (may it connect), [`room`] (the session's fan-out), [`frame`] (bytes
+//! [`limits`] (may it connect), [`room`] (the session's fan-out; `members`, its
+//! connections indexed by audience), [`frame`] (bytes
 //! encoded once per format), [`recent`] (a room's recent events, for replays),
 //! [`pager`] (reading the log after a position),
 //! `connection` (the per-connection task: replay, live events, heartbeat, closing),
@@ -33,6 +34,7 @@ pub mod frame;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod limits;
+mod members;
 pub mod outlet;
 pub mod pager;
 pub mod query;

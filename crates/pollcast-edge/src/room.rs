@@ -20,6 +20,7 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::frame::EncodedEvent;
+use crate::members::Members;
 use crate::outlet::{Offered, Outlet};
 use crate::pager::{Page, Pager};
 use crate::recent::{self, Recent};
@@ -55,7 +56,7 @@ pub struct Member {
 /// One session's room on this node.
 pub struct Room {
     session_id: Uuid,
-    members: Mutex<HashMap<Uuid, Member>>,
+    members: Mutex<Members>,
     /// The most recent events, for replays.
     recent: Mutex<Recent>,
     /// One replay at a time fills the window from the log; the others wait and
@@ -73,7 +74,7 @@ pub struct Room {
 }
 
 impl Room {
-    fn members(&self) -> MutexGuard<'_, HashMap<Uuid, Member>> {
+    fn members(&self) -> MutexGuard<'_, Members> {
         self.members.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -98,17 +99,15 @@ impl Room {
         self.recent().after(after, wanted)
     }
 
-    /// Waits until the window reaches `position` (the room dispatched it), at
-    /// most until `deadline`; whether it did. A room a moment behind the stream
-    /// (under load, a burst) gets there by itself, and the replays waiting for
-    /// it read nothing from the stream.
-    pub async fn reached(&self, position: u64, deadline: tokio::time::Instant) -> bool {
+    /// Waits until the window reaches past `position` (the room dispatched a
+    /// newer event), at most until `deadline`; whether it did.
+    pub async fn advanced_past(&self, position: u64, deadline: tokio::time::Instant) -> bool {
         loop {
             let progressed = self.progress.notified();
             tokio::pin!(progressed);
             // Registered before the look: a push in between still wakes it.
             progressed.as_mut().enable();
-            if self.recent().end() >= position {
+            if self.recent().end() > position {
                 return true;
             }
             if tokio::time::timeout_at(deadline, progressed).await.is_err() {
@@ -194,7 +193,7 @@ impl Room {
         self.progress.notify_waiters();
         // One member's share of the events, made again for each member.
         let mut share: Vec<(&Arc<EncodedEvent>, &[u8])> = Vec::with_capacity(encoded.len());
-        self.members().retain(|_, member| {
+        self.members().offer(audiences, |member| {
             share.clear();
             for (event, audience) in encoded.iter().zip(audiences) {
                 if audience.includes(member.presenter, member.participant)
@@ -255,7 +254,7 @@ impl Rooms {
                 let newest = self.stream.newest(session_id).await?.unwrap_or(0);
                 let room = Arc::new(Room {
                     session_id,
-                    members: Mutex::new(HashMap::new()),
+                    members: Mutex::new(Members::default()),
                     recent: Mutex::new(Recent::new(newest)),
                     warming: tokio::sync::Mutex::new(()),
                     progress: Notify::new(),
@@ -668,14 +667,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_wait_for_the_room_ends_when_it_dispatches_or_at_the_deadline() {
         let (stream, rooms, session) = session_with_one_event().await;
-        let (member, _rx) = presenter(WireFormat::Json, 1 << 20);
+        let (member, mut rx) = presenter(WireFormat::Json, 1 << 20);
         let room = rooms
             .join(session, Uuid::now_v7(), member)
             .await
             .expect("join");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
         // `join!` polls in order: the wait is registered before the events come.
-        let (reached, ()) = tokio::join!(room.reached(3, deadline), async {
+        let (advanced, ()) = tokio::join!(room.advanced_past(1, deadline), async {
             for position in 2..=3 {
                 stream
                     .publish(event(session, position, "Ada"))
@@ -683,10 +682,16 @@ mod tests {
                     .expect("publish");
             }
         });
-        assert!(reached, "woken by the dispatch");
+        assert!(advanced, "woken by the dispatch");
         assert!(tokio::time::Instant::now() < deadline);
+        for position in 2..=3 {
+            assert_eq!(
+                received(&mut rx).await.map(|e| e.position()),
+                Some(position)
+            );
+        }
         let later = tokio::time::Instant::now() + Duration::from_secs(1);
-        assert!(!room.reached(4, later).await, "nothing came");
+        assert!(!room.advanced_past(3, later).await, "nothing came");
         assert!(tokio::time::Instant::now() >= later);
     }
 }
