@@ -152,11 +152,11 @@ impl Recent {
         if after < start || after > self.end {
             return None;
         }
+        // At most the window's length, by the checks above.
         let skip = usize::try_from(after - start).unwrap_or(usize::MAX);
         let events = self
             .events
-            .iter()
-            .skip(skip)
+            .range(skip.min(self.events.len())..)
             .filter(|(event, _)| wanted(&event.event))
             .map(|(event, _)| Arc::clone(event))
             .collect();
