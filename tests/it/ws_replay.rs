@@ -393,6 +393,19 @@ async fn a_replay_that_fails_midway_sends_no_event_twice() {
     }
 }
 
+/// A server on a stream that counts its reads (and can hold live events back).
+async fn counting_server() -> (Arc<pollcast_tests::stream::SwitchableStream>, TestServer) {
+    let stream = Arc::new(pollcast_tests::stream::SwitchableStream::default());
+    let options = Options {
+        stream: stream.clone(),
+        ..Options::default()
+    };
+    (
+        stream,
+        TestServer::start_with(Backend::Sqlite, options).await,
+    )
+}
+
 /// The frames up to `connection:reconnected`: the replayed events' types, and
 /// the `connection:reconnected` frame.
 async fn replay_of(client: &mut WsClient) -> (Vec<String>, Value) {
@@ -411,13 +424,7 @@ async fn replay_of(client: &mut WsClient) -> (Vec<String>, Value) {
 /// its last member for a while, so that holds when everyone dropped at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_back_moments_later_is_replayed_from_the_rooms_memory() {
-    use pollcast_tests::stream::SwitchableStream;
-    let stream = Arc::new(SwitchableStream::default());
-    let options = Options {
-        stream: stream.clone(),
-        ..Options::default()
-    };
-    let t = TestServer::start_with(Backend::Sqlite, options).await;
+    let (stream, t) = counting_server().await;
     let p = t.api.started_session().await;
     let ada = t.api.join(&p.code, "Ada").await;
     t.settle(&p.session_id).await;
@@ -464,13 +471,7 @@ async fn a_client_back_moments_later_is_replayed_from_the_rooms_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storm_on_a_new_room_reads_the_stream_once() {
     use pollcast_stream::EventStream;
-    use pollcast_tests::stream::SwitchableStream;
-    let stream = Arc::new(SwitchableStream::default());
-    let options = Options {
-        stream: stream.clone(),
-        ..Options::default()
-    };
-    let t = TestServer::start_with(Backend::Sqlite, options).await;
+    let (stream, t) = counting_server().await;
     let p = t.api.started_session().await;
     t.api.join(&p.code, "Ada").await;
     t.api.active_poll(&p).await;
@@ -518,13 +519,7 @@ async fn a_storm_on_a_new_room_reads_the_stream_once() {
 /// room's unit test `a_wait_for_the_room_ends_when_it_dispatches_or_at_the_deadline`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_waits_for_a_room_behind_the_stream_rather_than_read_it() {
-    use pollcast_tests::stream::SwitchableStream;
-    let stream = Arc::new(SwitchableStream::default());
-    let options = Options {
-        stream: stream.clone(),
-        ..Options::default()
-    };
-    let t = TestServer::start_with(Backend::Sqlite, options).await;
+    let (stream, t) = counting_server().await;
     let p = t.api.started_session().await;
     t.settle(&p.session_id).await;
     let mut screen = connect_after(&t, &p, &p.token, None, Format::Json).await;
