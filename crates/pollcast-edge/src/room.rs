@@ -68,7 +68,7 @@ pub struct Room {
     window_per_member: usize,
     /// Counts the times the room was left empty: a lingering close goes ahead
     /// only if nobody came and went since it was planned.
-    vacated: std::sync::atomic::AtomicU64,
+    vacated: AtomicU64,
     /// Tells the room's task to stop once the last member left.
     stop: Notify,
 }
