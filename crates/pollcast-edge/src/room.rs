@@ -181,10 +181,11 @@ impl Room {
             .map(|event| Arc::new(EncodedEvent::new(Arc::clone(event))))
             .collect();
         let started = std::time::Instant::now();
+        let mut members = self.members();
         // Into the window before any member is offered them: a replay that
         // looks at the window after joining either finds an event there or is
         // offered it as a member.
-        let budget = self.budget();
+        let budget = recent::budget(members.len(), self.window_per_member);
         let mut recent = self.recent();
         for event in &encoded {
             recent.push(Arc::clone(event), budget);
@@ -193,7 +194,7 @@ impl Room {
         self.progress.notify_waiters();
         // One member's share of the events, made again for each member.
         let mut share: Vec<(&Arc<EncodedEvent>, &[u8])> = Vec::with_capacity(encoded.len());
-        self.members().offer(audiences, |member| {
+        members.offer(audiences, |member| {
             share.clear();
             for (event, audience) in encoded.iter().zip(audiences) {
                 if audience.includes(member.presenter, member.participant)
@@ -319,7 +320,8 @@ impl Rooms {
     }
 
     /// Whether this node has a room open for `session_id`.
-    pub async fn is_open(&self, session_id: Uuid) -> bool {
+    #[cfg(test)]
+    async fn is_open(&self, session_id: Uuid) -> bool {
         self.rooms.lock().await.contains_key(&session_id)
     }
 }
@@ -573,18 +575,25 @@ mod tests {
         );
     }
 
+    /// [`session_with_one_event`]'s room, opened by a presenter whose task
+    /// never went live.
+    async fn room_with_a_presenter() -> (Arc<dyn EventStream>, Arc<Room>, Backlog, Uuid) {
+        let (stream, rooms, session) = session_with_one_event().await;
+        let (member, rx) = presenter(WireFormat::Json, 1 << 20);
+        let room = rooms
+            .join(session, Uuid::now_v7(), member)
+            .await
+            .expect("join");
+        (stream, room, rx, session)
+    }
+
     fn positions(found: Option<(Vec<Arc<EncodedEvent>>, u64)>) -> Option<Vec<u64>> {
         found.map(|(events, _)| events.iter().map(|e| e.position()).collect())
     }
 
     #[tokio::test]
     async fn the_window_holds_what_the_room_dispatched() {
-        let (stream, rooms, session) = session_with_one_event().await;
-        let (member, mut rx) = presenter(WireFormat::Json, 1 << 20);
-        let room = rooms
-            .join(session, Uuid::now_v7(), member)
-            .await
-            .expect("join");
+        let (stream, room, mut rx, session) = room_with_a_presenter().await;
         assert_eq!(positions(room.recent_after(1, |_| true)), Some(vec![]));
         assert_eq!(
             positions(room.recent_after(0, |_| true)),
@@ -666,12 +675,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_wait_for_the_room_ends_when_it_dispatches_or_at_the_deadline() {
-        let (stream, rooms, session) = session_with_one_event().await;
-        let (member, mut rx) = presenter(WireFormat::Json, 1 << 20);
-        let room = rooms
-            .join(session, Uuid::now_v7(), member)
-            .await
-            .expect("join");
+        let (stream, room, mut rx, session) = room_with_a_presenter().await;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
         // `join!` polls in order: the wait is registered before the events come.
         let (advanced, ()) = tokio::join!(room.advanced_past(1, deadline), async {
