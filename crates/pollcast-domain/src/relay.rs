@@ -500,10 +500,11 @@ impl Outcome {
     }
 }
 
-/// Publishes each chain (one session's events, in position order) one event
-/// after another, and [`SESSIONS_AT_ONCE`] chains side by side. Once the stream
-/// fails (not a refusal of one session's event: it is down, say), no chain
-/// starts another publish: each would wait for its own timeout.
+/// Publishes each chain (one session's events, in position order) as one run
+/// ([`EventStream::publish_run`]: on JetStream, atomic batches), and
+/// [`SESSIONS_AT_ONCE`] chains side by side. Once the stream fails (not a
+/// refusal of one session's event: it is down, say), no chain starts another
+/// publish: each would wait for its own timeout.
 async fn publish_chains(
     stream: &Arc<dyn EventStream>,
     chains: Vec<(Uuid, Vec<SessionEvent>)>,
@@ -516,8 +517,8 @@ async fn publish_chains(
         .await
 }
 
-/// Publishes one session's events in order, up to the first the stream refuses
-/// or until `failed` is set.
+/// Publishes one session's events in order, up to the first the stream refuses,
+/// unless `failed` is set.
 async fn publish_chain(
     stream: &dyn EventStream,
     session_id: Uuid,
@@ -529,24 +530,26 @@ async fn publish_chain(
         took: None,
         stop: None,
     };
-    for event in chain {
-        if failed.load(Ordering::Relaxed) {
-            break;
+    if failed.load(Ordering::Relaxed) {
+        return outcome;
+    }
+    let sent: Vec<(u64, Timestamp)> = chain.iter().map(|e| (e.position, e.timestamp)).collect();
+    let run = stream.publish_run(chain).await;
+    // A run's events count as acknowledged when the run is: on JetStream one
+    // acknowledgement answers for a batch; a short run's single publishes are
+    // one round trip each, so its first events' lag is overstated by the rest.
+    let taken = &sent[..run.taken.min(sent.len())];
+    for &(_, at) in taken {
+        record_publish_lag(at);
+    }
+    if let (Some(first), Some(last)) = (taken.first(), taken.last()) {
+        outcome.took = Some((first.0, last.0));
+    }
+    if let Some(err) = run.stopped {
+        if !matches!(err, StreamError::OutOfOrder { .. }) {
+            failed.store(true, Ordering::Relaxed);
         }
-        let (position, at) = (event.position, event.timestamp);
-        match stream.publish(event).await {
-            Ok(_) => {
-                record_publish_lag(at);
-                outcome.took = Some((outcome.took.map_or(position, |t| t.0), position));
-            }
-            Err(err) => {
-                if !matches!(err, StreamError::OutOfOrder { .. }) {
-                    failed.store(true, Ordering::Relaxed);
-                }
-                outcome.stop = Some(err);
-                break;
-            }
-        }
+        outcome.stop = Some(err);
     }
     outcome
 }

@@ -30,6 +30,10 @@ macro_rules! stream_conformance_tests {
             trimmed_history_is_reported_as_truncated,
             position_beyond_newest_is_reported_as_truncated,
             presence_signals_reach_subscribers_in_order,
+            a_run_is_appended_in_order_and_seen_live,
+            a_run_takes_what_is_new_and_keeps_what_was_there,
+            a_run_past_the_next_position_is_refused_whole,
+            a_run_longer_than_a_batch_is_taken_whole,
         );
     };
     (@tests $factory:expr; $($name:ident),+ $(,)?) => {
@@ -215,6 +219,84 @@ check!(
         seen.push(event.position);
     }
     assert_eq!(seen, vec![3, 4, 5, 6]);
+});
+
+fn run(session: Uuid, positions: std::ops::RangeInclusive<u64>) -> Vec<SessionEvent> {
+    positions.map(|p| event(session, p)).collect()
+}
+
+check!(
+    /// A run is appended at its positions, reads back intact and reaches live
+    /// subscribers in order.
+    a_run_is_appended_in_order_and_seen_live, |stream| {
+    let session = Uuid::now_v7();
+    publish_range(&*stream, session, 1..=2).await;
+    let mut live = stream.subscribe(session).await.expect("subscribe");
+    let sent = run(session, 3..=10);
+    let published = stream.publish_run(sent.clone()).await;
+    assert!(published.stopped.is_none(), "{:?}", published.stopped);
+    assert_eq!(published.taken, 8);
+    let read = stream.read_after(session, 2, 100).await.expect("read");
+    let got: Vec<SessionEvent> = read.events.iter().map(|e| (**e).clone()).collect();
+    assert_eq!(got, sent);
+    let mut seen = Vec::new();
+    while seen.len() < sent.len() {
+        let next = tokio::time::timeout(WAIT, live.next()).await;
+        seen.push(next.expect("live event in time").expect("live event").position);
+    }
+    assert_eq!(seen, (3..=10).collect::<Vec<_>>());
+    assert_eq!(stream.newest(session).await.expect("newest"), Some(10));
+});
+
+check!(
+    /// A run that starts with positions already in the log (a relay sending again
+    /// what it sent before) counts them as taken, leaves them as they were and
+    /// appends the rest.
+    a_run_takes_what_is_new_and_keeps_what_was_there, |stream| {
+    let session = Uuid::now_v7();
+    publish_range(&*stream, session, 1..=5).await;
+    let before = stream.read_after(session, 0, 100).await.expect("read");
+    let published = stream.publish_run(run(session, 3..=8)).await;
+    assert!(published.stopped.is_none(), "{:?}", published.stopped);
+    assert_eq!(published.taken, 6);
+    let after = stream.read_after(session, 0, 100).await.expect("read");
+    assert_eq!(positions(&after.events), (1..=8).collect::<Vec<_>>());
+    assert_eq!(after.events[..5], before.events[..], "originals kept");
+    let again = stream.publish_run(run(session, 2..=4)).await;
+    assert_eq!((again.taken, again.stopped.is_none()), (3, true));
+    assert_eq!(stream.newest(session).await.expect("newest"), Some(8));
+});
+
+check!(
+    /// A run that would leave a gap is refused before anything of it is stored,
+    /// with the position expected.
+    a_run_past_the_next_position_is_refused_whole, |stream| {
+    let session = Uuid::now_v7();
+    publish_range(&*stream, session, 1..=2).await;
+    let published = stream.publish_run(run(session, 4..=6)).await;
+    assert_eq!(published.taken, 0);
+    match published.stopped {
+        Some(StreamError::OutOfOrder { expected, got, .. }) => assert_eq!((expected, got), (3, 4)),
+        other => panic!("gap accepted: {other:?}"),
+    }
+    assert_eq!(stream.newest(session).await.expect("newest"), Some(2));
+});
+
+check!(
+    /// A run longer than an engine sends at once is taken whole and in order.
+    a_run_longer_than_a_batch_is_taken_whole, |stream| {
+    let session = Uuid::now_v7();
+    let sent = run(session, 1..=700);
+    let published = stream.publish_run(sent.clone()).await;
+    assert!(published.stopped.is_none(), "{:?}", published.stopped);
+    assert_eq!(published.taken, 700);
+    let mut got = Vec::new();
+    while got.len() < sent.len() {
+        let read = stream.read_after(session, got.len() as u64, 1000).await.expect("read");
+        assert!(!read.events.is_empty(), "read stopped at {}", got.len());
+        got.extend(read.events.iter().map(|e| (**e).clone()));
+    }
+    assert_eq!(got, sent);
 });
 
 /// Once retention drops events, a read from before them says so.
