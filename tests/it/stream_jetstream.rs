@@ -1,10 +1,12 @@
 //! The JetStream engine against a real nats-server: the conformance suite every
 //! engine passes, and what only JetStream can get wrong (retried publishes answered
-//! either way, a second writer, reads deep in a long history).
+//! either way, a second writer, runs as atomic batches, reads deep in a long
+//! history).
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use pollcast_protocol::SessionEvent;
 use pollcast_stream::conformance::event;
 use pollcast_stream::{
     EventStream, JetStreamStream, NatsConfig, Published, Retention, StreamError,
@@ -13,13 +15,15 @@ use pollcast_tests::nats::{NatsCluster, NatsServer};
 use uuid::Uuid;
 
 /// Stream and subject names of their own, so engines sharing a server never see
-/// each other's events or presence signals.
+/// each other's events or presence signals. Every run of two or more events goes
+/// as an atomic batch, so the conformance suite checks batches too.
 fn config(urls: Vec<String>) -> NatsConfig {
     let unique = Uuid::now_v7().simple().to_string();
     NatsConfig {
         urls,
         stream_name: format!("T_{unique}"),
         subject_prefix: format!("t{unique}"),
+        batch_min: 2,
         ..NatsConfig::default()
     }
 }
@@ -134,6 +138,180 @@ async fn retried_publish_is_a_duplicate_on_a_standalone_server() {
 async fn retried_publish_is_a_duplicate_on_a_three_node_cluster_with_r3() {
     let cluster = NatsCluster::start();
     retried_publish_is_a_duplicate(cluster.urls(), 3).await;
+}
+
+/// The positions and contents a session's log holds, read from its start.
+async fn log_of(stream: &JetStreamStream, session: Uuid) -> Vec<SessionEvent> {
+    let read = stream.read_after(session, 0, 1000).await.expect("read");
+    read.events.iter().map(|e| (**e).clone()).collect()
+}
+
+/// A run from an api node whose idea of the tail is stale (another node appended
+/// since, or its own earlier batch was stored and the ack lost): JetStream
+/// refuses the batch on its first message's expectation, the engine reads the
+/// tail and sends only what is new. Nothing is stored twice or out of order.
+async fn a_run_from_a_stale_tail_appends_only_what_is_new(urls: Vec<String>, replicas: usize) {
+    let mut config = config(urls.clone());
+    config.replicas = replicas;
+    let a = JetStreamStream::connect(config.clone(), Retention::default())
+        .await
+        .expect("a");
+    let b = JetStreamStream::connect(config.clone(), Retention::default())
+        .await
+        .expect("b");
+    let session = Uuid::now_v7();
+    let first = a.publish_run(runs(session, 1..=2)).await;
+    assert_eq!((first.taken, first.stopped.is_none()), (2, true));
+    // b learns the tail (position 2) and keeps it.
+    let learn = b.publish_run(runs(session, 1..=2)).await;
+    assert_eq!((learn.taken, learn.stopped.is_none()), (2, true));
+    let a_run = runs(session, 3..=6);
+    let by_a = a.publish_run(a_run.clone()).await;
+    assert_eq!((by_a.taken, by_a.stopped.is_none()), (4, true));
+    // b's own events for 3..=9: 3..=6 are a's already, 7..=9 are new.
+    let b_run = runs(session, 3..=9);
+    let by_b = b.publish_run(b_run.clone()).await;
+    assert!(by_b.stopped.is_none(), "{:?}", by_b.stopped);
+    assert_eq!(by_b.taken, 7);
+    let log = log_of(&a, session).await;
+    let positions: Vec<u64> = log.iter().map(|e| e.position).collect();
+    assert_eq!(positions, (1..=9).collect::<Vec<_>>());
+    assert_eq!(log[2..6], a_run[..], "a's events kept");
+    assert_eq!(log[6..], b_run[4..], "b's new events after them");
+    // Readers skip a position stored twice, so only the stream itself can show
+    // that nothing was.
+    let stored = raw_stream(urls[0].clone(), &config.stream_name).await;
+    assert_eq!(stored.cached_info().state.messages, 9);
+}
+
+async fn raw_stream(url: String, name: &str) -> async_nats::jetstream::stream::Stream {
+    let client = async_nats::connect(url).await.expect("raw client");
+    async_nats::jetstream::new(client)
+        .get_stream(name)
+        .await
+        .expect("stream")
+}
+
+fn runs(session: Uuid, positions: std::ops::RangeInclusive<u64>) -> Vec<SessionEvent> {
+    positions.map(|p| event(session, p)).collect()
+}
+
+#[tokio::test]
+async fn a_run_from_a_stale_tail_appends_only_what_is_new_on_a_standalone_server() {
+    a_run_from_a_stale_tail_appends_only_what_is_new(vec![NatsServer::shared().url()], 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_from_a_stale_tail_appends_only_what_is_new_on_a_three_node_cluster_with_r3() {
+    let cluster = NatsCluster::start();
+    a_run_from_a_stale_tail_appends_only_what_is_new(cluster.urls(), 3).await;
+}
+
+/// The headers JetStream stored with the first `count` messages of stream `name`.
+async fn stored_headers(url: String, name: &str, count: u64) -> Vec<async_nats::HeaderMap> {
+    let stream = raw_stream(url, name).await;
+    let mut headers = Vec::new();
+    for sequence in 1..=count {
+        let message = stream.get_raw_message(sequence).await.expect("message");
+        headers.push(message.headers);
+    }
+    headers
+}
+
+fn header(headers: &async_nats::HeaderMap, name: &str) -> Option<String> {
+    headers.get(name).map(|v| v.as_str().to_owned())
+}
+
+/// A run goes as one atomic batch (one acknowledgement for all of it): its
+/// messages carry one batch id, numbered in order; a lone event goes as before,
+/// with its event id as message id.
+#[tokio::test]
+async fn a_run_is_stored_as_one_atomic_batch() {
+    let server = NatsServer::shared();
+    let config = config(vec![server.url()]);
+    let stream = JetStreamStream::connect(config.clone(), Retention::default())
+        .await
+        .expect("engine");
+    let session = Uuid::now_v7();
+    assert_eq!(
+        stream.publish(event(session, 1)).await.ok(),
+        Some(Published::Appended)
+    );
+    let run = stream.publish_run(runs(session, 2..=9)).await;
+    assert_eq!((run.taken, run.stopped.is_none()), (8, true));
+    let headers = stored_headers(server.url(), &config.stream_name, 9).await;
+    assert!(header(&headers[0], "Nats-Batch-Id").is_none());
+    assert!(header(&headers[0], "Nats-Msg-Id").is_some());
+    let batch = header(&headers[1], "Nats-Batch-Id").expect("a batch id");
+    for (number, stored) in (1..).zip(&headers[1..]) {
+        assert_eq!(header(stored, "Nats-Batch-Id").as_ref(), Some(&batch));
+        assert_eq!(
+            header(stored, "Nats-Batch-Sequence"),
+            Some(number.to_string())
+        );
+    }
+}
+
+/// A run shorter than `batch_min` goes one event per acknowledgement: for a few
+/// events a batch costs the server more than single publishes.
+#[tokio::test]
+async fn a_run_shorter_than_batch_min_goes_one_event_at_a_time() {
+    let server = NatsServer::shared();
+    let config = NatsConfig {
+        batch_min: 9,
+        ..config(vec![server.url()])
+    };
+    let stream = JetStreamStream::connect(config.clone(), Retention::default())
+        .await
+        .expect("engine");
+    let session = Uuid::now_v7();
+    let short = stream.publish_run(runs(session, 1..=8)).await;
+    assert_eq!((short.taken, short.stopped.is_none()), (8, true));
+    let long = stream.publish_run(runs(session, 9..=17)).await;
+    assert_eq!((long.taken, long.stopped.is_none()), (9, true));
+    let headers = stored_headers(server.url(), &config.stream_name, 17).await;
+    assert!(
+        headers[..8]
+            .iter()
+            .all(|h| header(h, "Nats-Batch-Id").is_none())
+    );
+    assert!(
+        headers[8..]
+            .iter()
+            .all(|h| header(h, "Nats-Batch-Id").is_some())
+    );
+}
+
+/// A stream that stops taking batches (an operator turned `allow_atomic` off
+/// after the engine started) refuses the next one; the run then goes one event at
+/// a time, exactly, and so do later runs.
+#[tokio::test]
+async fn a_run_on_a_stream_that_refuses_batches_goes_one_event_at_a_time() {
+    let server = NatsServer::shared();
+    let config = config(vec![server.url()]);
+    let stream = JetStreamStream::connect(config.clone(), Retention::default())
+        .await
+        .expect("engine");
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.expect("raw"));
+    let mut definition = js
+        .get_stream(&config.stream_name)
+        .await
+        .expect("stream")
+        .cached_info()
+        .config
+        .clone();
+    definition.allow_atomic_publish = false;
+    js.update_stream(definition).await.expect("batches off");
+    let session = Uuid::now_v7();
+    let sent = runs(session, 1..=8);
+    let first = stream.publish_run(sent[..5].to_vec()).await;
+    assert!(first.stopped.is_none(), "{:?}", first.stopped);
+    assert_eq!(first.taken, 5);
+    let second = stream.publish_run(sent[5..].to_vec()).await;
+    assert_eq!((second.taken, second.stopped.is_none()), (3, true));
+    assert_eq!(log_of(&stream, session).await, sent);
+    let headers = stored_headers(server.url(), &config.stream_name, 8).await;
+    assert!(headers.iter().all(|h| header(h, "Nats-Batch-Id").is_none()));
 }
 
 /// Reads from anywhere in a long history, interleaved with other sessions, come

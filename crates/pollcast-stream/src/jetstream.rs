@@ -18,6 +18,16 @@
 //! (standalone: the expectation is checked first); both are read as `Duplicate` after
 //! looking at the subject's tail on the stream leader.
 //!
+//! Runs. A session's backlog (a run of at least [`NatsConfig::batch_min`] events)
+//! goes in atomic batches (ADR-50, nats-server 2.12+, the stream's
+//! `allow_atomic`): the first message carries the expectation, the last the
+//! commit, and one acknowledgement answers for all; the server stores all of
+//! them or none. A batch may not carry `Nats-Msg-Id`, and needs none: a retried
+//! batch fails the expectation and is read as duplicates from the tail, as
+//! above. One event per acknowledgement paces a session at 3 000–5 000 events a
+//! second; a batch costs the server a staging store of its own, so short runs
+//! still go one by one.
+//!
 //! Reading. Positions are consecutive within a subject, so the message at a position
 //! is found by searching stream sequences with Direct Get `next_by_subj`
 //! (interpolation and bisection steps alternating: O(log n) probes worst case, one or
@@ -52,9 +62,14 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use async_nats::header::{
+    self, NATS_BATCH_COMMIT, NATS_BATCH_COMMIT_FINAL, NATS_BATCH_ID, NATS_BATCH_SEQUENCE,
+    NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+};
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
 use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::context::PublishErrorKind;
@@ -64,18 +79,18 @@ use async_nats::jetstream::stream::{
     self, DirectGetErrorKind, DiscardPolicy, LastRawMessageErrorKind, Placement, RetentionPolicy,
 };
 use async_nats::jetstream::{self, Context, ErrorCode};
-use async_nats::{Client, ConnectOptions, Event, ServerAddr, Subscriber};
+use async_nats::{Client, ConnectOptions, Event, HeaderMap, ServerAddr, Subject, Subscriber};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use pollcast_protocol::{DomainEvent, Envelope, PresenceSignal, SessionEvent, WireFormat};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::{Instant, Sleep};
 use uuid::Uuid;
 
 use crate::{
-    EventStream, LiveEvents, PresenceFeed, PresenceSignals, Published, ReadBatch, Retention,
-    StreamError, Subscription,
+    EventStream, LiveEvents, PresenceFeed, PresenceSignals, Published, PublishedRun, ReadBatch,
+    Retention, StreamError, Subscription, publish_each,
 };
 
 /// Messages asked for per Direct Get batch request.
@@ -102,6 +117,15 @@ const SILENCE_CHECKS: [Duration; 4] = [
 ];
 /// Sessions whose newest (position, sequence) the publisher remembers.
 const TAIL_CACHE: usize = 100_000;
+/// Most events in one atomic batch. The server takes up to 1 000; a smaller batch
+/// bounds what the server stages for it and what a refused batch sends again.
+const BATCH_MAX: usize = 256;
+/// [`NatsConfig::batch_min`] unless set otherwise.
+pub const DEFAULT_BATCH_MIN: usize = 64;
+/// Atomic batches this process has open at once. The server refuses more than 50
+/// per stream, from all api nodes together; past this, runs wait for a turn
+/// (a batch is open for one round trip).
+const BATCHES_AT_ONCE: usize = 16;
 
 /// How to reach NATS and what to call things there.
 #[derive(Clone, Debug)]
@@ -129,6 +153,11 @@ pub struct NatsConfig {
     /// Read from a mirror in this process's own NATS cluster when the events
     /// stream lives in another one (edges in a region other than the api's).
     pub regional_reads: bool,
+    /// Shortest run of a session's events sent as one atomic batch; shorter runs
+    /// go one event per acknowledgement. The server stages each batch in a store
+    /// of its own, which costs more than a few single publishes (measured in
+    /// `docs/benchmarks.md`, "Atomic batches").
+    pub batch_min: usize,
 }
 
 impl Default for NatsConfig {
@@ -144,6 +173,7 @@ impl Default for NatsConfig {
             connection_name: "pollcast".into(),
             manage_streams: true,
             regional_reads: false,
+            batch_min: DEFAULT_BATCH_MIN,
         }
     }
 }
@@ -186,6 +216,23 @@ pub struct JetStreamStream {
     epoch: watch::Receiver<u64>,
     /// Presence signals on their way to NATS.
     presence_tx: mpsc::Sender<PresenceSignal>,
+    /// Whether the events stream takes atomic batches (`allow_atomic`, and a
+    /// server that knows it); runs are published one event at a time otherwise.
+    atomic: AtomicBool,
+    /// Turns for open atomic batches ([`BATCHES_AT_ONCE`]).
+    batch_turns: Semaphore,
+}
+
+/// Why an atomic batch was not stored.
+enum BatchRefused {
+    /// The first message's expectation failed: the session's tail is not the one
+    /// assumed (another writer, or this batch sent before).
+    WrongLastSequence,
+    /// The server does not take this batch as one; its events may go one by
+    /// one. `lasting` when the stream takes no batches at all.
+    NotAsBatch { lasting: bool, why: String },
+    /// No answer, or another refusal.
+    Failed(StreamError),
 }
 
 impl JetStreamStream {
@@ -245,6 +292,21 @@ impl JetStreamStream {
             .get_stream_no_info(&config.stream_name)
             .await
             .map_err(|e| unavailable("opening the events stream", e))?;
+        // A server before 2.12 drops `allow_atomic` from the configuration, and
+        // would store a batch's messages as plain ones, unchecked.
+        let atomic = js
+            .get_stream(&config.stream_name)
+            .await
+            .map_err(|e| unavailable("reading the events stream's configuration", e))?
+            .cached_info()
+            .config
+            .allow_atomic_publish;
+        if !atomic {
+            tracing::warn!(
+                stream = %config.stream_name,
+                "the events stream takes no atomic batches (allow_atomic, nats-server 2.12+): a session's events are published one at a time"
+            );
+        }
         let reader = retrying(|| open_reader(&js, &config, cluster.as_deref())).await?;
         if reader.mirror {
             tracing::info!(mirror = %reader.name, "reading events from this region's mirror");
@@ -264,6 +326,8 @@ impl JetStreamStream {
             tails: Mutex::new(HashMap::new()),
             epoch,
             presence_tx,
+            atomic: AtomicBool::new(atomic),
+            batch_turns: Semaphore::new(BATCHES_AT_ONCE),
         })
     }
 
@@ -288,6 +352,99 @@ impl JetStreamStream {
             tails.clear();
         }
         tails.insert(session, tail);
+    }
+
+    /// The session's newest event as this process last published or saw it, else
+    /// as the stream leader has it.
+    async fn publisher_tail(&self, session: Uuid) -> Result<Option<Tail>, StreamError> {
+        if let Some(tail) = self.tails().get(&session).copied() {
+            return Ok(Some(tail));
+        }
+        let tail = self.leader_tail(&self.events, session).await?;
+        if let Some(tail) = tail {
+            self.remember(session, tail);
+        }
+        Ok(tail)
+    }
+
+    /// Sends `payloads` to `subject` as one atomic batch whose first message
+    /// expects the subject's last sequence to be `expected` (0: no message yet);
+    /// returns the stream sequence of the last one.
+    async fn send_batch(
+        &self,
+        subject: &Subject,
+        expected: u64,
+        payloads: &[Bytes],
+    ) -> Result<u64, BatchRefused> {
+        let _turn = self.batch_turns.acquire().await.map_err(|_| {
+            BatchRefused::Failed(StreamError::Unavailable("the engine is closing".into()))
+        })?;
+        let id = Uuid::now_v7().simple().to_string();
+        let headers = |number: usize| {
+            let mut headers = HeaderMap::new();
+            headers.insert(NATS_BATCH_ID, id.as_str());
+            headers.insert(NATS_BATCH_SEQUENCE, header::HeaderValue::from(number));
+            if number == 1 {
+                // The server checks it against the stream as it was before the
+                // batch, and allows it on the first message only.
+                headers.insert(
+                    NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                    header::HeaderValue::from(expected),
+                );
+            }
+            headers
+        };
+        let Some((last, first)) = payloads.split_last() else {
+            return Err(BatchRefused::Failed(StreamError::Unavailable(
+                "an empty batch".into(),
+            )));
+        };
+        // All but the last without a reply: the commit's acknowledgement answers
+        // for the batch, and one round trip is the point.
+        for (number, payload) in (1..).zip(first) {
+            self.client
+                .publish_with_headers(subject.clone(), headers(number), payload.clone())
+                .await
+                .map_err(|e| BatchRefused::Failed(unavailable("publishing a batch", e)))?;
+        }
+        let mut commit = headers(payloads.len());
+        commit.insert(NATS_BATCH_COMMIT, NATS_BATCH_COMMIT_FINAL);
+        let message = PublishMessage::build()
+            .payload(last.clone())
+            .headers(commit);
+        let ack = self
+            .js
+            .send_publish(subject.clone(), message)
+            .await
+            .map_err(|e| BatchRefused::Failed(unavailable("publishing a batch", e)))?
+            .await;
+        match ack {
+            Ok(ack)
+                if ack.batch_id.as_deref() == Some(id.as_str())
+                    && ack.batch_size == Some(payloads.len() as u64) =>
+            {
+                Ok(ack.sequence)
+            }
+            // Stored, but not as the batch sent: a server that does not know
+            // batches stored the last message alone, or all of them unchecked.
+            Ok(ack) => Err(BatchRefused::Failed(StreamError::Unavailable(format!(
+                "batch {id} acknowledged as {:?} of {:?} messages",
+                ack.batch_id, ack.batch_size
+            )))),
+            Err(err) if matches!(err.kind(), PublishErrorKind::WrongLastSequence) => {
+                Err(BatchRefused::WrongLastSequence)
+            }
+            Err(err) => match api_error(&err) {
+                Some(code) if NOT_AS_BATCH.contains(&code) => Err(BatchRefused::NotAsBatch {
+                    lasting: code == ErrorCode::ATOMIC_PUBLISH_DISABLED,
+                    why: err.to_string(),
+                }),
+                _ => Err(BatchRefused::Failed(unavailable(
+                    "batch not acknowledged",
+                    err,
+                ))),
+            },
+        }
     }
 
     /// The session's newest event, asked of the leader of `stream` (publishing
@@ -747,6 +904,8 @@ pub fn events_stream(config: &NatsConfig, retention: Retention) -> stream::Confi
         num_replicas: config.replicas,
         discard: DiscardPolicy::Old,
         allow_direct: true,
+        // Runs of a session's events go as one batch: see the module documentation.
+        allow_atomic_publish: true,
         deny_delete: true,
         // Live delivery of what is stored, never of what was merely sent: see
         // the module documentation.
@@ -817,6 +976,22 @@ fn raw_not_found(kind: &LastRawMessageErrorKind) -> bool {
     matches!(kind, LastRawMessageErrorKind::NoMessageFound)
 }
 
+/// JetStream's refusals of a batch as a batch, after which its events may still
+/// go one by one.
+const NOT_AS_BATCH: [ErrorCode; 4] = [
+    ErrorCode::ATOMIC_PUBLISH_DISABLED,
+    ErrorCode::ATOMIC_PUBLISH_TOO_MANY_INFLIGHT,
+    ErrorCode::ATOMIC_PUBLISH_INCOMPLETE_BATCH,
+    ErrorCode::ATOMIC_PUBLISH_TOO_LARGE_BATCH,
+];
+
+/// The JetStream API error code behind a refused publish, if it was one.
+fn api_error(err: &async_nats::jetstream::context::PublishError) -> Option<ErrorCode> {
+    std::error::Error::source(err)?
+        .downcast_ref::<jetstream::Error>()
+        .map(|e| e.error_code())
+}
+
 fn unavailable(what: &str, err: impl std::fmt::Display) -> StreamError {
     StreamError::Unavailable(format!("{what}: {err}"))
 }
@@ -860,17 +1035,7 @@ impl EventStream for JetStreamStream {
         // A lost race (another node appended first) costs one more lookup; three
         // in a row means something keeps writing, and the relay will come back.
         for _ in 0..3 {
-            let cached = self.tails().get(&session).copied();
-            let tail = match cached {
-                Some(tail) => Some(tail),
-                None => {
-                    let tail = self.leader_tail(&self.events, session).await?;
-                    if let Some(tail) = tail {
-                        self.remember(session, tail);
-                    }
-                    tail
-                }
-            };
+            let tail = self.publisher_tail(session).await?;
             if let Some(tail) = tail {
                 if event.position <= tail.position {
                     return Ok(Published::Duplicate);
@@ -920,6 +1085,102 @@ impl EventStream for JetStreamStream {
         Err(StreamError::Unavailable(format!(
             "session {session}: the stream's tail kept moving"
         )))
+    }
+
+    async fn publish_run(&self, mut events: Vec<SessionEvent>) -> PublishedRun {
+        let one_session_in_order = events.windows(2).all(|pair| {
+            pair[1].session_id == pair[0].session_id && pair[1].position == pair[0].position + 1
+        });
+        let Some(first) = events.first() else {
+            return PublishedRun::default();
+        };
+        if events.len() < self.config.batch_min.max(2)
+            || !one_session_in_order
+            || first.position == 0
+            || !self.atomic.load(Ordering::Relaxed)
+        {
+            return publish_each(self, events).await;
+        }
+        let session = first.session_id;
+        let stopped = |taken, err| PublishedRun {
+            taken,
+            stopped: Some(err),
+        };
+        let payloads = match events.iter().map(encode).collect::<Result<Vec<_>, _>>() {
+            Ok(payloads) => payloads,
+            Err(err) => return stopped(0, err),
+        };
+        let subject = Subject::from(self.subject(session));
+        let mut taken = 0;
+        let mut races = 0;
+        while taken < events.len() {
+            let tail = match self.publisher_tail(session).await {
+                Ok(tail) => tail,
+                Err(err) => return stopped(taken, err),
+            };
+            if let Some(tail) = tail {
+                // Already in the stream: sent before, or by another node.
+                while events
+                    .get(taken)
+                    .is_some_and(|e| e.position <= tail.position)
+                {
+                    taken += 1;
+                }
+                let Some(next) = events.get(taken) else { break };
+                if next.position != tail.position + 1 {
+                    let err = StreamError::OutOfOrder {
+                        session,
+                        expected: tail.position + 1,
+                        got: next.position,
+                    };
+                    return stopped(taken, err);
+                }
+            }
+            let end = events.len().min(taken + BATCH_MAX);
+            let expected = tail.map_or(0, |t| t.sequence);
+            match self
+                .send_batch(&subject, expected, &payloads[taken..end])
+                .await
+            {
+                Ok(sequence) => {
+                    let position = events[end - 1].position;
+                    self.remember(session, Tail { position, sequence });
+                    taken = end;
+                }
+                Err(BatchRefused::WrongLastSequence) => {
+                    self.tails().remove(&session);
+                    races += 1;
+                    if races == 3 {
+                        let err = StreamError::Unavailable(format!(
+                            "session {session}: the stream's tail kept moving"
+                        ));
+                        return stopped(taken, err);
+                    }
+                }
+                Err(BatchRefused::NotAsBatch { lasting, why }) => {
+                    self.tails().remove(&session);
+                    if lasting && self.atomic.swap(false, Ordering::Relaxed) {
+                        tracing::warn!(reason = %why, "the events stream refuses atomic batches; publishing one event at a time");
+                    } else {
+                        tracing::debug!(reason = %why, "batch refused as a batch; publishing its events one at a time");
+                    }
+                    let rest = publish_each(self, events.split_off(taken)).await;
+                    return PublishedRun {
+                        taken: taken + rest.taken,
+                        stopped: rest.stopped,
+                    };
+                }
+                Err(BatchRefused::Failed(err)) => {
+                    // Perhaps stored after all: the next try reads the tail.
+                    self.tails().remove(&session);
+                    return stopped(taken, err);
+                }
+            }
+        }
+        PublishedRun {
+            taken,
+            stopped: None,
+        }
     }
 
     async fn read_after(
