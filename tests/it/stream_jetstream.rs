@@ -160,19 +160,14 @@ async fn a_run_from_a_stale_tail_appends_only_what_is_new(urls: Vec<String>, rep
         .await
         .expect("b");
     let session = Uuid::now_v7();
-    let first = a.publish_run(runs(session, 1..=2)).await;
-    assert_eq!((first.taken, first.stopped.is_none()), (2, true));
+    publish_whole(&a, runs(session, 1..=2)).await;
     // b learns the tail (position 2) and keeps it.
-    let learn = b.publish_run(runs(session, 1..=2)).await;
-    assert_eq!((learn.taken, learn.stopped.is_none()), (2, true));
+    publish_whole(&b, runs(session, 1..=2)).await;
     let a_run = runs(session, 3..=6);
-    let by_a = a.publish_run(a_run.clone()).await;
-    assert_eq!((by_a.taken, by_a.stopped.is_none()), (4, true));
+    publish_whole(&a, a_run.clone()).await;
     // b's own events for 3..=9: 3..=6 are a's already, 7..=9 are new.
     let b_run = runs(session, 3..=9);
-    let by_b = b.publish_run(b_run.clone()).await;
-    assert!(by_b.stopped.is_none(), "{:?}", by_b.stopped);
-    assert_eq!(by_b.taken, 7);
+    publish_whole(&b, b_run.clone()).await;
     let log = log_of(&a, session).await;
     let positions: Vec<u64> = log.iter().map(|e| e.position).collect();
     assert_eq!(positions, (1..=9).collect::<Vec<_>>());
@@ -194,6 +189,15 @@ async fn raw_stream(url: String, name: &str) -> async_nats::jetstream::stream::S
 
 fn runs(session: Uuid, positions: std::ops::RangeInclusive<u64>) -> Vec<SessionEvent> {
     positions.map(|p| event(session, p)).collect()
+}
+
+/// Publishes `events` as a run and checks the log took all of them (appended or
+/// already there).
+async fn publish_whole(stream: &JetStreamStream, events: Vec<SessionEvent>) {
+    let count = events.len();
+    let run = stream.publish_run(events).await;
+    assert!(run.stopped.is_none(), "{:?}", run.stopped);
+    assert_eq!(run.taken, count);
 }
 
 #[tokio::test]
@@ -237,8 +241,7 @@ async fn a_run_is_stored_as_one_atomic_batch() {
         stream.publish(event(session, 1)).await.ok(),
         Some(Published::Appended)
     );
-    let run = stream.publish_run(runs(session, 2..=9)).await;
-    assert_eq!((run.taken, run.stopped.is_none()), (8, true));
+    publish_whole(&stream, runs(session, 2..=9)).await;
     let headers = stored_headers(server.url(), &config.stream_name, 9).await;
     assert!(header(&headers[0], "Nats-Batch-Id").is_none());
     assert!(header(&headers[0], "Nats-Msg-Id").is_some());
@@ -265,10 +268,8 @@ async fn a_run_shorter_than_batch_min_goes_one_event_at_a_time() {
         .await
         .expect("engine");
     let session = Uuid::now_v7();
-    let short = stream.publish_run(runs(session, 1..=8)).await;
-    assert_eq!((short.taken, short.stopped.is_none()), (8, true));
-    let long = stream.publish_run(runs(session, 9..=17)).await;
-    assert_eq!((long.taken, long.stopped.is_none()), (9, true));
+    publish_whole(&stream, runs(session, 1..=8)).await;
+    publish_whole(&stream, runs(session, 9..=17)).await;
     let headers = stored_headers(server.url(), &config.stream_name, 17).await;
     assert!(
         headers[..8]
@@ -304,11 +305,8 @@ async fn a_run_on_a_stream_that_refuses_batches_goes_one_event_at_a_time() {
     js.update_stream(definition).await.expect("batches off");
     let session = Uuid::now_v7();
     let sent = runs(session, 1..=8);
-    let first = stream.publish_run(sent[..5].to_vec()).await;
-    assert!(first.stopped.is_none(), "{:?}", first.stopped);
-    assert_eq!(first.taken, 5);
-    let second = stream.publish_run(sent[5..].to_vec()).await;
-    assert_eq!((second.taken, second.stopped.is_none()), (3, true));
+    publish_whole(&stream, sent[..5].to_vec()).await;
+    publish_whole(&stream, sent[5..].to_vec()).await;
     assert_eq!(log_of(&stream, session).await, sent);
     let headers = stored_headers(server.url(), &config.stream_name, 8).await;
     assert!(headers.iter().all(|h| header(h, "Nats-Batch-Id").is_none()));
