@@ -13,6 +13,7 @@ use std::time::Instant;
 use clap::Parser;
 use futures::StreamExt;
 use pollcast_bench::median;
+use pollcast_bench::probe::proc_stat;
 use pollcast_stream::conformance::event;
 use pollcast_stream::{EventStream, JetStreamStream, NatsConfig, Retention};
 use pollcast_tests::nats::NatsServer;
@@ -24,31 +25,21 @@ struct Args {
     /// Events published per run length, way and round (at most 100 000).
     #[arg(long, default_value_t = 8_000, value_parser = clap::value_parser!(u64).range(64..=100_000))]
     events: u64,
-    /// Run lengths to measure.
-    #[arg(long, value_delimiter = ',', default_value = "2,4,8,16,32,64,256")]
+    /// Run lengths to measure (each 1 to 1 000).
+    #[arg(long, value_delimiter = ',', default_value = "2,4,8,16,32,64,256",
+          value_parser = clap::value_parser!(u64).range(1..=1000))]
     runs: Vec<u64>,
     /// Sessions published side by side.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
     sessions: u64,
     /// Rounds (each: both ways, alternating).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     rounds: u32,
 }
 
-/// CPU seconds a process has used, from `/proc/<pid>/stat`.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start past the ')'.
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15 of the line, 11 and 12 after ')'.
-    (ticks(11) + ticks(12)) / 100.0
+/// CPU seconds the nats-server has used so far.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    Ok(proc_stat(&pid.to_string())?.cpu_seconds)
 }
 
 async fn engine(server: &NatsServer, batch_min: usize) -> anyhow::Result<JetStreamStream> {
@@ -76,7 +67,7 @@ async fn measure(
     sessions: u64,
 ) -> anyhow::Result<(f64, f64)> {
     let per_session = (events / sessions).max(run);
-    let cpu = cpu_seconds(pid);
+    let cpu = cpu_seconds(pid)?;
     let started = Instant::now();
     let published: Vec<usize> = futures::stream::iter(0..sessions)
         .map(|_| async move {
@@ -89,18 +80,20 @@ async fn measure(
                     .publish_run((next..=last).map(|p| event(session, p)).collect())
                     .await;
                 if let Some(err) = outcome.stopped {
-                    panic!("publish failed: {err}");
+                    anyhow::bail!("publish failed: {err}");
                 }
                 taken += outcome.taken;
                 next = last + 1;
             }
-            taken
+            Ok(taken)
         })
         .buffer_unordered(usize::try_from(sessions)?)
-        .collect()
-        .await;
+        .collect::<Vec<anyhow::Result<usize>>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<_>>()?;
     let wall = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(pid) - cpu;
+    let cpu = cpu_seconds(pid)? - cpu;
     let total = published.iter().sum::<usize>() as f64;
     anyhow::ensure!(total == (per_session * sessions) as f64, "events lost");
     Ok((wall * 1e6 / total, cpu * 1e6 / total))
