@@ -518,11 +518,23 @@ async fn main() -> anyhow::Result<()> {
         }
         server_pids.iter().map(|p| proc_stat(p).ok()).collect()
     };
+    // Delivery is measured where the sockets are, publishing where the relay
+    // runs: the edge's and the api's `/metrics` (one server's, unsplit).
+    let delivery_metrics = format!("{ws_url}/metrics");
+    let publish_metrics = format!("{api_url}/metrics");
     let api = Api::new(api_url);
-    let metrics_url = format!("{ws_url}/metrics");
-    let scrape = || async {
-        let text = reqwest::get(&metrics_url).await.ok()?.text().await.ok()?;
-        Some(Buckets::from_scrape(&text))
+    let scrape = |url: &str, name: &'static str| {
+        let url = url.to_owned();
+        async move {
+            let text = reqwest::get(&url).await.ok()?.text().await.ok()?;
+            Some(Buckets::from_scrape(&text, name))
+        }
+    };
+    let scrape_both = || async {
+        (
+            scrape(&delivery_metrics, "pollcast_event_delivery_seconds").await,
+            scrape(&publish_metrics, "pollcast_event_publish_seconds").await,
+        )
     };
 
     // Set-up: the sessions, their participants, a socket each.
@@ -574,7 +586,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let connected_server = read_server();
-    let before_buckets = scrape().await;
+    let (before_buckets, before_publish) = scrape_both().await;
     let own_before = proc_stat("self")?;
     let started = Instant::now();
 
@@ -605,7 +617,7 @@ async fn main() -> anyhow::Result<()> {
     let wall = started.elapsed();
     let own_after = proc_stat("self")?;
     let after_server = read_server();
-    let after_buckets = scrape().await;
+    let (after_buckets, after_publish) = scrape_both().await;
 
     // Figures.
     // Every member of a room must have seen what its presenter saw.
@@ -678,9 +690,13 @@ async fn main() -> anyhow::Result<()> {
     // Votes the schedule asked for: fewer sent means the answers came too slowly
     // for the 512 requests in flight, that is, the server did not keep up.
     let scheduled = (f64::from(rate) * length.as_secs_f64()).round() as u64;
-    let server_p99 = before_buckets
-        .zip(after_buckets)
-        .and_then(|(b, a)| a.since(&b).quantile_ms(0.99));
+    let p99_between = |before: Option<Buckets>, after: Option<Buckets>| {
+        before
+            .zip(after)
+            .and_then(|(b, a)| a.since(&b).quantile_ms(0.99))
+    };
+    let server_p99 = p99_between(before_buckets, after_buckets);
+    let publish_p99 = p99_between(before_publish, after_publish);
     // Microseconds, sorted, as `pct` takes them.
     let mut recoveries: Vec<u32> = seen
         .iter()
@@ -708,13 +724,14 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     println!(
-        "  latency commit→parsed: p50 {:.1} ms, p90 {:.1}, p99 {:.1}, p99.9 {:.1}, max {:.1} (server histogram p99 {})",
+        "  latency commit→parsed: p50 {:.1} ms, p90 {:.1}, p99 {:.1}, p99.9 {:.1}, max {:.1} (server histogram p99 {}; of it commit→stream ack p99 {})",
         pct(&latencies, 0.5),
         pct(&latencies, 0.9),
         pct(&latencies, 0.99),
         pct(&latencies, 0.999),
         pct(&latencies, 1.0),
         server_p99.map_or("n/a".into(), |v| format!("{v:.1} ms")),
+        publish_p99.map_or("n/a".into(), |v| format!("{v:.1} ms")),
     );
     println!(
         "  {:.0} deliveries/s, {:.0} votes/s accepted ({} of {} sent); lost {lost}, duplicated {duplicates}, unseen by every client {unseen}, failed connections {failed}",
@@ -783,6 +800,7 @@ async fn main() -> anyhow::Result<()> {
             "p999": pct(&latencies, 0.999), "max": pct(&latencies, 1.0),
         },
         "server_histogram_p99_ms": server_p99,
+        "server_publish_p99_ms": publish_p99,
         "deliveries_per_sec": frames as f64 / wall.as_secs_f64(),
         "votes_per_sec": votes.accepted as f64 / votes.elapsed.as_secs_f64().max(1e-9),
         "votes_sent": votes.sent,

@@ -47,17 +47,18 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
-/// Cumulative bucket counts of `pollcast_event_delivery_seconds`, summed over
-/// event types, by upper bound.
+/// Cumulative bucket counts of one histogram (say
+/// `pollcast_event_delivery_seconds`), summed over its labels, by upper bound.
 #[derive(Clone, Debug, Default)]
 pub struct Buckets(BTreeMap<u64, f64>);
 
 impl Buckets {
-    /// Parses a `/metrics` scrape.
-    pub fn from_scrape(text: &str) -> Self {
+    /// Parses histogram `name`'s buckets out of a `/metrics` scrape.
+    pub fn from_scrape(text: &str, name: &str) -> Self {
+        let prefix = format!("{name}_bucket{{");
         let mut buckets = BTreeMap::new();
         for line in text.lines() {
-            let Some(rest) = line.strip_prefix("pollcast_event_delivery_seconds_bucket{") else {
+            let Some(rest) = line.strip_prefix(prefix.as_str()) else {
                 continue;
             };
             let Some((labels, value)) = rest.rsplit_once("} ") else {
@@ -130,14 +131,18 @@ pollcast_event_delivery_seconds_bucket{event_type=\"a\",le=\"+Inf\"} 100
 pollcast_event_delivery_seconds_bucket{event_type=\"b\",le=\"0.01\"} 0
 pollcast_event_delivery_seconds_bucket{event_type=\"b\",le=\"0.1\"} 0
 pollcast_event_delivery_seconds_bucket{event_type=\"b\",le=\"+Inf\"} 0
+pollcast_event_publish_seconds_bucket{le=\"0.01\"} 7
+pollcast_event_publish_seconds_bucket{le=\"+Inf\"} 7
 ";
-        let buckets = Buckets::from_scrape(scrape);
+        let buckets = Buckets::from_scrape(scrape, "pollcast_event_delivery_seconds");
         assert_eq!(buckets.count(), 100.0);
         let p50 = buckets.quantile_ms(0.5).expect("p50");
         assert!((p50 - 10.0).abs() < 1e-9, "{p50}");
         let p75 = buckets.quantile_ms(0.75).expect("p75");
         assert!((p75 - 55.0).abs() < 1e-9, "{p75}");
         assert_eq!(buckets.since(&buckets).count(), 0.0);
+        let publish = Buckets::from_scrape(scrape, "pollcast_event_publish_seconds");
+        assert_eq!(publish.count(), 7.0, "only the histogram asked for");
     }
 
     #[test]
