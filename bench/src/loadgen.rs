@@ -31,8 +31,9 @@ use pollcast_bench::client::{self, Incoming};
 use pollcast_bench::probe::{Buckets, ProcStat, proc_stat};
 use pollcast_protocol::{Timestamp, WireFormat};
 use pollcast_tests::client::{Api, Joiner, Presenter, id_of, option_id};
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
 
 #[derive(Parser, Debug)]
 #[command(about = "pollcast load generator (loopback only, bounded)")]
@@ -312,8 +313,22 @@ struct VoteLoad {
     elapsed: Duration,
 }
 
+/// A room's poll as the vote sender sees it.
+enum RoomPoll {
+    /// Taking votes: the poll, the index of its next voter, and the votes sent
+    /// to it.
+    Open(Value, usize, Vec<JoinHandle<()>>),
+    /// Everyone voted; once every vote is answered the presenter closes the
+    /// poll and opens the next.
+    Rotating(JoinHandle<Value>),
+}
+
 /// Sends votes at `rate` for `length`, to the rooms in turn, rotating a room's
-/// poll when everyone in it has voted.
+/// poll when everyone in it has voted. A rotation (close, create, activate: three
+/// writes) runs beside the schedule, and the rooms not rotating take the votes
+/// meanwhile: awaited in the sender, 200 rooms filling their polls together
+/// stalled it for seconds, and the votes it owed then went out as one burst. It
+/// closes the poll when its votes are answered, so none meets a closed poll.
 async fn vote(
     api: &Api,
     rooms: &[Room],
@@ -324,10 +339,13 @@ async fn vote(
     let in_flight = Arc::new(Semaphore::new(512));
     let accepted = Arc::new(AtomicU64::new(0));
     let mut load = VoteLoad::default();
-    // Each room's active poll and its next voter.
     let mut polls = Vec::with_capacity(rooms.len());
     for room in rooms {
-        polls.push((api.active_poll(&room.presenter).await, 0usize));
+        polls.push(RoomPoll::Open(
+            api.active_poll(&room.presenter).await,
+            0,
+            Vec::new(),
+        ));
     }
     let mut turn = 0usize;
     let tick = Duration::from_millis(10);
@@ -346,35 +364,66 @@ async fn vote(
             let _ = signal.send(Phase::Storm);
         }
         owed += per_tick;
-        while owed >= 1.0 {
-            owed -= 1.0;
-            let room = &rooms[turn % rooms.len()];
-            let (poll, next) = &mut polls[turn % rooms.len()];
+        // Rooms passed over since the last vote: when every room is rotating (or
+        // empty), what is owed waits for the next tick.
+        let mut passed = 0;
+        while owed >= 1.0 && passed < rooms.len() {
+            let at = turn % rooms.len();
+            let room = &rooms[at];
             turn += 1;
+            if let RoomPoll::Rotating(rotation) = &mut polls[at] {
+                if !rotation.is_finished() {
+                    passed += 1;
+                    continue;
+                }
+                polls[at] = RoomPoll::Open(rotation.await?, 0, Vec::new());
+            }
+            let RoomPoll::Open(poll, next, votes) = &mut polls[at] else {
+                passed += 1;
+                continue;
+            };
             if room.joined.is_empty() {
+                passed += 1;
                 continue;
             }
             if *next == room.joined.len() {
+                let (api, presenter) = (api.clone(), room.presenter.clone());
                 let close = format!("/api/polls/{}/close", id_of(poll));
-                api.act(&close, Some(&room.presenter.token)).await;
-                *poll = api.active_poll(&room.presenter).await;
-                *next = 0;
+                let votes = std::mem::take(votes);
+                polls[at] = RoomPoll::Rotating(tokio::spawn(async move {
+                    for vote in votes {
+                        // A vote task that failed was counted as not accepted.
+                        let _answered = vote.await;
+                    }
+                    api.act(&close, Some(&presenter.token)).await;
+                    api.active_poll(&presenter).await
+                }));
+                passed += 1;
+                continue;
             }
+            passed = 0;
+            owed -= 1.0;
             let (api, token) = (api.clone(), room.joined[*next].token.clone());
             let (poll_id, option) = (id_of(poll), option_id(poll, *next % 3));
             let permit = Arc::clone(&in_flight).acquire_owned().await?;
             let accepted = Arc::clone(&accepted);
-            tokio::spawn(async move {
+            votes.push(tokio::spawn(async move {
                 if api.vote(&poll_id, &token, &[option.as_str()]).await.status == 201 {
                     accepted.fetch_add(1, Ordering::Relaxed);
                 }
                 drop(permit);
-            });
+            }));
             *next += 1;
             load.sent += 1;
         }
     }
     load.behind = started.elapsed().saturating_sub(length);
+    // A rotation still running ends before the sessions do.
+    for poll in polls {
+        if let RoomPoll::Rotating(rotation) = poll {
+            rotation.await?;
+        }
+    }
     // Every vote answered before the run ends.
     let _all = in_flight.acquire_many(512).await?;
     load.accepted = accepted.load(Ordering::Relaxed);
