@@ -5,13 +5,14 @@
 //! the relay publishes those at once, without reading them back from the outbox,
 //! and marks what it published at most every [`MARK_INTERVAL`], one statement for
 //! all sessions, instead of a commit of its own after every batch. The outbox
-//! stays the record: every [`SWEEP_INTERVAL`], after a failure, when the hand-off
-//! overflowed or when the stream refused a handed event as out of order, the
-//! relay reads what is pending from the outbox instead, so events left by a
-//! crash, by a stream outage or by another node are published too. Publishing is
-//! at least once (a crash between publish and mark repeats it; so does an event
-//! both handed over and read by a sweep); the stream ignores positions it already
-//! holds, which makes the log exactly once.
+//! stays the record: every [`SWEEP_INTERVAL`] the relay publishes what has been
+//! pending in it for longer than that, so events left by a crash or by another
+//! node are published too; after a failure, when the hand-off overflowed or when
+//! the stream refused a handed event as out of order, it reads everything
+//! pending from the outbox instead of the hand-off. Publishing is at least once
+//! (a crash between publish and mark repeats it; so does an event both handed
+//! over and read by a sweep); the stream ignores positions it already holds,
+//! which makes the log exactly once.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,7 +26,7 @@ use pollcast_stream::{EventStream, StreamError};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ColumnTrait, Condition, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter,
-    QueryOrder, QuerySelect,
+    QueryOrder, QuerySelect, QueryTrait,
 };
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
@@ -44,8 +45,8 @@ const BATCH: u64 = 512;
 /// the server, publishing 200 busy sessions one event at a time let the queue
 /// grow to seconds.
 const SESSIONS_AT_ONCE: usize = 64;
-/// How often the relay reads the outbox for pending events, however busy the
-/// hand-off keeps it.
+/// How often the relay reads the outbox for events pending longer than this,
+/// however busy the hand-off keeps it.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest time events published from the hand-off stay unmarked. A mark is a
 /// write transaction (an `fsync` under SQLite's `synchronous=FULL`); one after
@@ -168,14 +169,22 @@ impl Relay {
     /// and returns.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(50);
-        // A sweep first: whatever a previous run left pending.
+        // A whole sweep first: whatever a previous run left pending. Then one
+        // every SWEEP_INTERVAL for what is stale, and a whole one whenever the
+        // hand-off cannot be trusted.
         let mut sweep_at = Instant::now();
+        let mut sweep_whole = true;
         let mut mark_at = Instant::now() + MARK_INTERVAL;
         loop {
             let now = Instant::now();
             let pass = if now >= sweep_at {
                 sweep_at = now + SWEEP_INTERVAL;
-                self.sweep().await.map(|_| Handed::Done)
+                let swept = if std::mem::take(&mut sweep_whole) {
+                    self.sweep().await
+                } else {
+                    self.sweep_stale().await
+                };
+                swept.map(|_| Handed::Done)
             } else {
                 self.publish_handed().await
             };
@@ -186,12 +195,14 @@ impl Relay {
                 }
                 Ok(Handed::NeedsSweep) => {
                     sweep_at = now;
+                    sweep_whole = true;
                     now
                 }
                 Err(err) => {
                     tracing::warn!(error = %err, retry_in = ?backoff, "outbox relay failed");
                     // The retry reads the outbox: what failed is there.
                     sweep_at = now + backoff;
+                    sweep_whole = true;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     sweep_at
                 }
@@ -300,6 +311,21 @@ impl Relay {
         self.publish_pending().await
     }
 
+    /// The periodic sweep: marks what the hand-off published, then publishes
+    /// what has been pending for longer than [`SWEEP_INTERVAL`] (a commit that
+    /// did not hand over, another node's events that node did not publish).
+    /// What the hand-off holds stays there for the next pass. Reading it back
+    /// instead, as [`Relay::sweep`] does, made every periodic sweep under load
+    /// take over a second's events: it dropped what a slow mark had let pile
+    /// up and published it again row by row, 0.3–1.3 s with nothing else going
+    /// (`docs/benchmarks.md`).
+    async fn sweep_stale(&mut self) -> DomainResult<usize> {
+        self.flush_marks().await?;
+        let stale = chrono::Utc::now()
+            - chrono::Duration::from_std(SWEEP_INTERVAL).unwrap_or(chrono::Duration::MAX);
+        self.publish_pending_before(Some(stale)).await
+    }
+
     /// Notes that the stream holds `session_id` up to `position`. The map is
     /// bounded: emptied when full, which costs each active session one sweep.
     fn note_in_stream(&mut self, session_id: Uuid, position: u64) {
@@ -351,10 +377,22 @@ impl Relay {
     /// Publishes every pending event it can; returns how many it published, and
     /// sets `pollcast_outbox_pending` to how many it could not.
     pub async fn publish_pending(&mut self) -> DomainResult<usize> {
+        self.publish_pending_before(None).await
+    }
+
+    /// [`Relay::publish_pending`] for the events that occurred before `before`,
+    /// or all.
+    async fn publish_pending_before(
+        &mut self,
+        before: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> DomainResult<usize> {
         let mut total = 0;
         loop {
             let rows = outbox::Entity::find()
                 .filter(outbox::Column::PublishedAt.is_null())
+                .apply_if(before, |query, before| {
+                    query.filter(outbox::Column::OccurredAt.lt(before))
+                })
                 .order_by_asc(outbox::Column::SessionId)
                 .order_by_asc(outbox::Column::Position)
                 .limit(BATCH)
@@ -733,6 +771,33 @@ mod tests {
         );
         assert!(matches!(relay.publish_handed().await, Ok(Handed::Done)));
         assert_eq!(in_stream(&stream, session).await, vec![1, 2, 3, 4]);
+    }
+
+    /// The periodic sweep publishes what has been pending for longer than
+    /// SWEEP_INTERVAL and leaves what the hand-off holds to the next pass.
+    #[tokio::test]
+    async fn the_periodic_sweep_leaves_fresh_events_to_the_hand_off() {
+        let domain = domain().await;
+        let (fresh, fresh_events) = three_events(&domain).await;
+        // Committed, never handed over (a lost hand-off), and pending for 10 s.
+        let (stale, _) = three_events(&domain).await;
+        outbox::Entity::update_many()
+            .col_expr(
+                outbox::Column::OccurredAt,
+                Expr::value(chrono::Utc::now() - chrono::Duration::seconds(10)),
+            )
+            .filter(outbox::Column::SessionId.eq(stale))
+            .exec(domain.db())
+            .await
+            .expect("age the events");
+        let handoff = Arc::new(Handoff::default());
+        let (mut relay, stream) = relay(&domain, handoff.clone());
+        hand_over(&handoff, fresh_events);
+        assert_eq!(relay.sweep_stale().await.expect("sweep"), 3);
+        assert_eq!(in_stream(&stream, stale).await, vec![1, 2, 3]);
+        assert_eq!(in_stream(&stream, fresh).await, Vec::<u64>::new());
+        assert!(matches!(relay.publish_handed().await, Ok(Handed::Done)));
+        assert_eq!(in_stream(&stream, fresh).await, vec![1, 2, 3]);
     }
 
     #[tokio::test]
