@@ -146,7 +146,7 @@ pub const GAUGES: [(&str, &str); 3] = [
     ),
     (
         "pollcast_outbox_pending",
-        "Committed events not yet published to the event stream",
+        "Committed events not yet published to the event stream, as the relay's last sweep found them (pending over a second; all of them after a failure)",
     ),
 ];
 
