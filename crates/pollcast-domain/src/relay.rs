@@ -3,8 +3,9 @@
 //!
 //! A commit hands its events to the relay in memory ([`Handoff`]) and wakes it;
 //! the relay publishes those at once, without reading them back from the outbox,
-//! and marks what it published at most every [`MARK_INTERVAL`], one statement for
-//! all sessions, instead of a commit of its own after every batch. The outbox
+//! and a task beside it marks what it published at most every [`MARK_INTERVAL`],
+//! one statement for all sessions, instead of a commit of its own after every
+//! batch; publishing never waits for a mark. The outbox
 //! stays the record: every [`SWEEP_INTERVAL`] the relay publishes what has been
 //! pending in it for longer than that, so events left by a crash or by another
 //! node are published too; after a failure, when the hand-off overflowed or when
@@ -132,15 +133,96 @@ impl Handoff {
     }
 }
 
+/// Per session, the positions published from the hand-off and not yet marked,
+/// shared by the publishing loop and the task that marks them. A range is whole
+/// in the stream: it refuses a gap, so every position between two it accepted
+/// is there too.
+#[derive(Default)]
+struct Unmarked {
+    ranges: Mutex<HashMap<Uuid, (i64, i64)>>,
+    /// Wakes the marking task before its interval when one statement's worth
+    /// of sessions waits.
+    full: Notify,
+}
+
+impl Unmarked {
+    fn add(&self, session_id: Uuid, range: (i64, i64)) {
+        let full = {
+            let mut ranges = self.ranges.lock().unwrap_or_else(PoisonError::into_inner);
+            ranges
+                .entry(session_id)
+                .and_modify(|r| *r = (r.0.min(range.0), r.1.max(range.1)))
+                .or_insert(range);
+            ranges.len() >= MARK_PER_STATEMENT
+        };
+        if full {
+            self.full.notify_one();
+        }
+    }
+
+    fn take(&self) -> HashMap<Uuid, (i64, i64)> {
+        std::mem::take(&mut *self.ranges.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Marks what is waiting; on failure keeps it for the next try.
+    async fn flush(&self, db: &DatabaseConnection) -> DomainResult<()> {
+        let taken = self.take();
+        if taken.is_empty() {
+            return Ok(());
+        }
+        let marked = mark_published(db, &taken).await;
+        if marked.is_err() {
+            for (session_id, range) in taken {
+                self.add(session_id, range);
+            }
+        }
+        marked
+    }
+
+    /// Marks what the relay publishes from the hand-off, every [`MARK_INTERVAL`]
+    /// (sooner when a statement's worth waits), until `shutdown` turns true.
+    /// A task of its own: under SQLite a mark waits for the one connection
+    /// behind every other write, 100–300 ms under load, and while the
+    /// publishing loop marked between passes that wait held every session's
+    /// next event (`docs/benchmarks.md`). While the database fails, it backs
+    /// off as the relay does.
+    async fn run(self: Arc<Self>, db: DatabaseConnection, mut shutdown: watch::Receiver<bool>) {
+        let mut next = Instant::now() + MARK_INTERVAL;
+        let mut backoff = None;
+        while !*shutdown.borrow() {
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => {}
+                () = self.full.notified(), if backoff.is_none() => {}
+                changed = shutdown.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+            }
+            match self.flush(&db).await {
+                Ok(()) => {
+                    backoff = None;
+                    next = Instant::now() + MARK_INTERVAL;
+                }
+                Err(err) => {
+                    let wait =
+                        backoff.map_or(MARK_INTERVAL, |b: Duration| (b * 2).min(MAX_BACKOFF));
+                    tracing::warn!(error = %err, retry_in = ?wait, "cannot mark published events");
+                    backoff = Some(wait);
+                    next = Instant::now() + wait;
+                }
+            }
+        }
+    }
+}
+
 /// Publishes the outbox to the event stream.
 pub struct Relay {
     db: DatabaseConnection,
     stream: Arc<dyn EventStream>,
     handoff: Arc<Handoff>,
-    /// Per session, the positions published from the hand-off and not yet marked.
-    /// A range is whole in the stream: it refuses a gap, so every position
-    /// between two it accepted is there too.
-    unmarked: HashMap<Uuid, (i64, i64)>,
+    /// What the hand-off published and is not marked yet.
+    unmarked: Arc<Unmarked>,
     /// Per session, the newest position this relay saw the stream take. A
     /// handed event is published only after its predecessor (or as a session's
     /// first, position 1): both engines accept any position as the first of a
@@ -160,31 +242,45 @@ impl Relay {
             db,
             stream,
             handoff,
-            unmarked: HashMap::new(),
+            unmarked: Arc::default(),
             known: HashMap::new(),
         }
     }
 
     /// Runs until `shutdown` turns true, then publishes what is pending once more
     /// and returns.
+    ///
+    /// In steady state the loop itself never waits for the database: marks are
+    /// the marking task's, and the periodic read of stale events runs beside
+    /// the passes, which go on publishing from the hand-off meanwhile. Under
+    /// SQLite every statement waits for the one connection behind the vote
+    /// batches, 100–300 ms under load, and each such wait in the loop held
+    /// every session's next event (`docs/benchmarks.md`).
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let marking = tokio::spawn(self.unmarked.clone().run(self.db.clone(), shutdown.clone()));
         let mut backoff = Duration::from_millis(50);
-        // A whole sweep first: whatever a previous run left pending. Then one
-        // every SWEEP_INTERVAL for what is stale, and a whole one whenever the
+        // A whole sweep first: whatever a previous run left pending. Then a read
+        // of what is stale every SWEEP_INTERVAL, and a whole sweep whenever the
         // hand-off cannot be trusted.
         let mut sweep_at = Instant::now();
         let mut sweep_whole = true;
-        let mut mark_at = Instant::now() + MARK_INTERVAL;
+        let mut reading: Option<StaleRead> = None;
+        let mut found = None;
         loop {
             let now = Instant::now();
-            let pass = if now >= sweep_at {
+            if now >= sweep_at && !sweep_whole {
                 sweep_at = now + SWEEP_INTERVAL;
-                let swept = if std::mem::take(&mut sweep_whole) {
-                    self.sweep().await
-                } else {
-                    self.sweep_stale().await
-                };
-                swept.map(|_| Handed::Done)
+                // One read at a time: a slow one skips the next.
+                if reading.is_none() {
+                    reading = Some(Box::pin(read_stale(self.db.clone(), self.unmarked.clone())));
+                }
+            }
+            let pass = if let Some(rows) = found.take() {
+                self.publish_stale(rows).await
+            } else if sweep_whole && now >= sweep_at {
+                sweep_at = now + SWEEP_INTERVAL;
+                sweep_whole = false;
+                self.sweep().await.map(|_| Handed::Done)
             } else {
                 self.publish_handed().await
             };
@@ -192,6 +288,10 @@ impl Relay {
                 Ok(Handed::Done) => {
                     backoff = Duration::from_millis(50);
                     sweep_at
+                }
+                Ok(Handed::ReadAgain) => {
+                    sweep_at = now;
+                    now
                 }
                 Ok(Handed::NeedsSweep) => {
                     sweep_at = now;
@@ -207,27 +307,25 @@ impl Relay {
                     sweep_at
                 }
             };
-            if Instant::now() >= mark_at || self.unmarked.len() >= MARK_PER_STATEMENT {
-                mark_at = Instant::now() + MARK_INTERVAL;
-                if let Err(err) = self.flush_marks().await {
-                    tracing::warn!(error = %err, "cannot mark published events");
-                }
-            }
             if *shutdown.borrow() {
                 break;
             }
-            // Published but unmarked events are marked by the next pass at the
-            // latest MARK_INTERVAL from now (a sweep marks first).
-            let wait_until = if self.unmarked.is_empty() {
-                wait_until
-            } else {
-                wait_until.min(mark_at)
-            };
             tokio::select! {
                 () = self.handoff.wake.notified() => {}
                 () = tokio::time::sleep_until(wait_until) => {}
                 _ = shutdown.changed() => {}
+                rows = async { reading.as_mut().expect("guarded").await }, if reading.is_some() => {
+                    reading = None;
+                    found = Some(rows);
+                }
             }
+        }
+        // A read in flight is dropped: the last sweep reads everything. The
+        // marking task's statement in flight finishes; what it leaves, the last
+        // sweep marks.
+        drop(reading);
+        if let Err(err) = marking.await {
+            tracing::warn!(error = %err, "marking task failed");
         }
         if let Err(err) = self.sweep().await {
             tracing::warn!(error = %err, "events left pending at shutdown");
@@ -278,10 +376,7 @@ impl Relay {
                 self.note_in_stream(outcome.session_id, last);
             }
             if let Some(range) = outcome.range() {
-                self.unmarked
-                    .entry(outcome.session_id)
-                    .and_modify(|r| *r = (r.0.min(range.0), r.1.max(range.1)))
-                    .or_insert(range);
+                self.unmarked.add(outcome.session_id, range);
             }
             match outcome.stop {
                 None => {}
@@ -311,19 +406,53 @@ impl Relay {
         self.publish_pending().await
     }
 
-    /// The periodic sweep: marks what the hand-off published, then publishes
-    /// what has been pending for longer than [`SWEEP_INTERVAL`] (a commit that
-    /// did not hand over, another node's events that node did not publish).
-    /// What the hand-off holds stays there for the next pass. Reading it back
-    /// instead, as [`Relay::sweep`] does, made every periodic sweep under load
-    /// take over a second's events: it dropped what a slow mark had let pile
-    /// up and published it again row by row, 0.3–1.3 s with nothing else going
-    /// (`docs/benchmarks.md`).
-    async fn sweep_stale(&mut self) -> DomainResult<usize> {
-        self.flush_marks().await?;
-        let stale = chrono::Utc::now()
-            - chrono::Duration::from_std(SWEEP_INTERVAL).unwrap_or(chrono::Duration::MAX);
-        self.publish_pending_before(Some(stale)).await
+    /// Publishes what a periodic read found pending for longer than
+    /// [`SWEEP_INTERVAL`] ([`read_stale`]: a commit that did not hand over,
+    /// another node's events that node did not publish), and leaves the marks
+    /// to the marking task. What the hand-off holds stays there for the next
+    /// pass. Reading it back instead, as [`Relay::sweep`] does, made every
+    /// periodic sweep under load take over a second's events: it dropped what a
+    /// slow mark had let pile up and published it again row by row, 0.3–1.3 s
+    /// with nothing else going (`docs/benchmarks.md`). Rows the hand-off
+    /// published whose mark is still waiting are only marked.
+    async fn publish_stale(
+        &mut self,
+        rows: DomainResult<Vec<outbox::Model>>,
+    ) -> DomainResult<Handed> {
+        let rows = rows?;
+        let full = rows.len() as u64 == BATCH;
+        let read = rows.len();
+        let held = rows
+            .iter()
+            .filter(|row| {
+                self.known
+                    .get(&row.session_id)
+                    .is_some_and(|&known| u64::try_from(row.position).is_ok_and(|p| p <= known))
+            })
+            .count();
+        let (published, failure) = self.publish_rows(rows).await;
+        let mut progress = 0;
+        for (&session_id, &(first, last)) in &published {
+            self.note_in_stream(session_id, u64::try_from(last).unwrap_or(0));
+            self.unmarked.add(session_id, (first, last));
+            progress += usize::try_from(last - first + 1).unwrap_or(0);
+        }
+        if let Some(err) = failure {
+            return Err(err);
+        }
+        if full {
+            // More may be stale: read on while this read published anything
+            // new (the next read marks first, so it sees past this one).
+            return Ok(if progress > held {
+                Handed::ReadAgain
+            } else {
+                Handed::Done
+            });
+        }
+        // What this read left behind is all that is stale (sessions blocked
+        // behind an event another node has not published yet).
+        metrics::gauge!("pollcast_outbox_pending").set(read.saturating_sub(progress) as f64);
+        Ok(Handed::Done)
     }
 
     /// Notes that the stream holds `session_id` up to `position`. The map is
@@ -335,14 +464,9 @@ impl Relay {
         self.known.insert(session_id, position);
     }
 
-    /// Marks the ranges the hand-off published.
-    async fn flush_marks(&mut self) -> DomainResult<()> {
-        if self.unmarked.is_empty() {
-            return Ok(());
-        }
-        self.mark_published(&self.unmarked).await?;
-        self.unmarked.clear();
-        Ok(())
+    /// Marks the ranges the hand-off published, now.
+    async fn flush_marks(&self) -> DomainResult<()> {
+        self.unmarked.flush(&self.db).await
     }
 
     /// Publishes the already published events of the last `window` again, oldest
@@ -388,16 +512,7 @@ impl Relay {
     ) -> DomainResult<usize> {
         let mut total = 0;
         loop {
-            let rows = outbox::Entity::find()
-                .filter(outbox::Column::PublishedAt.is_null())
-                .apply_if(before, |query, before| {
-                    query.filter(outbox::Column::OccurredAt.lt(before))
-                })
-                .order_by_asc(outbox::Column::SessionId)
-                .order_by_asc(outbox::Column::Position)
-                .limit(BATCH)
-                .all(&self.db)
-                .await?;
+            let rows = pending(before).all(&self.db).await?;
             let full = rows.len() as u64 == BATCH;
             let read = rows.len();
             let (published, failure) = self.publish_rows(rows).await;
@@ -408,7 +523,7 @@ impl Relay {
                 .values()
                 .map(|(first, last)| last - first + 1)
                 .sum::<i64>();
-            self.mark_published(&published).await?;
+            mark_published(&self.db, &published).await?;
             total += usize::try_from(progress).unwrap_or(0);
             if let Some(err) = failure {
                 self.report_pending().await;
@@ -443,15 +558,26 @@ impl Relay {
 
     /// Publishes rows, each session's in order; returns, per session, the range
     /// of positions the stream now holds, and an error that stopped a session,
-    /// if any.
+    /// if any. Rows this relay knows the stream holds (the hand-off published
+    /// them and their mark waits) are only returned, not published again.
     async fn publish_rows(
         &self,
         rows: Vec<outbox::Model>,
     ) -> (HashMap<Uuid, (i64, i64)>, Option<DomainError>) {
+        let mut published = HashMap::new();
         let mut chains = Vec::new();
         for (session_id, session_rows) in by_session(rows, |row| row.session_id) {
-            let mut chain = Vec::with_capacity(session_rows.len());
-            for row in &session_rows {
+            let known = self
+                .known
+                .get(&session_id)
+                .map_or(0, |&p| i64::try_from(p).unwrap_or(i64::MAX));
+            let (held, rest) =
+                session_rows.split_at(session_rows.partition_point(|row| row.position <= known));
+            if let (Some(first), Some(last)) = (held.first(), held.last()) {
+                published.insert(session_id, (first.position, last.position));
+            }
+            let mut chain = Vec::with_capacity(rest.len());
+            for row in rest {
                 match decode(row) {
                     Ok(event) => chain.push(event),
                     Err(err) => {
@@ -465,11 +591,14 @@ impl Relay {
                 chains.push((session_id, chain));
             }
         }
-        let mut published = HashMap::new();
         let mut failure = None;
         for outcome in publish_chains(&self.stream, chains).await {
             if let Some(range) = outcome.range() {
-                published.insert(outcome.session_id, range);
+                // Whole with what the stream held before: it takes no gap.
+                published
+                    .entry(outcome.session_id)
+                    .and_modify(|r: &mut (i64, i64)| *r = (r.0.min(range.0), r.1.max(range.1)))
+                    .or_insert(range);
             }
             match outcome.stop {
                 None => {}
@@ -486,37 +615,72 @@ impl Relay {
         }
         (published, failure)
     }
-
-    /// Marks what the stream now holds, one statement for up to
-    /// [`MARK_PER_STATEMENT`] sessions: with many small sessions a pass publishes
-    /// a little of each, and a statement per session (each its own commit) made
-    /// the relay's bookkeeping cost more than the events.
-    async fn mark_published(&self, published: &HashMap<Uuid, (i64, i64)>) -> DomainResult<()> {
-        let now = chrono::Utc::now();
-        let ranges: Vec<_> = published.iter().collect();
-        for chunk in ranges.chunks(MARK_PER_STATEMENT) {
-            let mut any = Condition::any();
-            for &(&session_id, &(first, last)) in chunk {
-                any = any.add(
-                    Condition::all()
-                        .add(outbox::Column::SessionId.eq(session_id))
-                        .add(outbox::Column::Position.between(first, last)),
-                );
-            }
-            outbox::Entity::update_many()
-                .col_expr(outbox::Column::PublishedAt, Expr::value(now))
-                .filter(outbox::Column::PublishedAt.is_null())
-                .filter(any)
-                .exec(&self.db)
-                .await?;
-        }
-        Ok(())
-    }
 }
 
-/// What [`Relay::publish_handed`] leaves to do.
+/// Marks what the stream now holds, one statement for up to
+/// [`MARK_PER_STATEMENT`] sessions: with many small sessions a pass publishes
+/// a little of each, and a statement per session (each its own commit) made
+/// the relay's bookkeeping cost more than the events.
+async fn mark_published(
+    db: &DatabaseConnection,
+    published: &HashMap<Uuid, (i64, i64)>,
+) -> DomainResult<()> {
+    let now = chrono::Utc::now();
+    let ranges: Vec<_> = published.iter().collect();
+    for chunk in ranges.chunks(MARK_PER_STATEMENT) {
+        let mut any = Condition::any();
+        for &(&session_id, &(first, last)) in chunk {
+            any = any.add(
+                Condition::all()
+                    .add(outbox::Column::SessionId.eq(session_id))
+                    .add(outbox::Column::Position.between(first, last)),
+            );
+        }
+        outbox::Entity::update_many()
+            .col_expr(outbox::Column::PublishedAt, Expr::value(now))
+            .filter(outbox::Column::PublishedAt.is_null())
+            .filter(any)
+            .exec(db)
+            .await?;
+    }
+    Ok(())
+}
+
+/// The first [`BATCH`] pending events that occurred before `before` (or all),
+/// in each session's position order.
+fn pending(before: Option<chrono::DateTime<chrono::Utc>>) -> sea_orm::Select<outbox::Entity> {
+    outbox::Entity::find()
+        .filter(outbox::Column::PublishedAt.is_null())
+        .apply_if(before, |query, before| {
+            query.filter(outbox::Column::OccurredAt.lt(before))
+        })
+        .order_by_asc(outbox::Column::SessionId)
+        .order_by_asc(outbox::Column::Position)
+        .limit(BATCH)
+}
+
+/// A read of the stale events in flight, beside the relay's passes.
+type StaleRead = std::pin::Pin<Box<dyn Future<Output = DomainResult<Vec<outbox::Model>>> + Send>>;
+
+/// Marks what waits in `unmarked`, then reads the events pending for longer
+/// than [`SWEEP_INTERVAL`]; on handles of its own, so that the relay's loop
+/// does not wait for it. Marking first keeps what the hand-off published out
+/// of the read, and lets a read that follows a full one see past it.
+async fn read_stale(
+    db: DatabaseConnection,
+    unmarked: Arc<Unmarked>,
+) -> DomainResult<Vec<outbox::Model>> {
+    unmarked.flush(&db).await?;
+    let stale = chrono::Utc::now()
+        - chrono::Duration::from_std(SWEEP_INTERVAL).unwrap_or(chrono::Duration::MAX);
+    Ok(pending(Some(stale)).all(&db).await?)
+}
+
+/// What a pass of the relay leaves to do.
 enum Handed {
     Done,
+    /// A read of stale events was full and published some: read on now.
+    ReadAgain,
     /// Read the outbox now: something it holds was not published.
     NeedsSweep,
 }
@@ -707,7 +871,7 @@ mod tests {
         assert_eq!(unmarked_rows(&domain, session).await, 3, "not marked yet");
         relay.flush_marks().await.expect("mark");
         assert_eq!(unmarked_rows(&domain, session).await, 0);
-        assert!(relay.unmarked.is_empty());
+        assert!(relay.unmarked.take().is_empty());
     }
 
     #[tokio::test]
@@ -759,7 +923,7 @@ mod tests {
         hand_over(&handoff, events.iter().skip(1).cloned());
         assert!(matches!(relay.publish_handed().await, Ok(Handed::Done)));
         assert_eq!(in_stream(&stream, session).await, vec![1, 2, 3]);
-        assert!(relay.unmarked.is_empty(), "the sweep marked them");
+        assert!(relay.unmarked.take().is_empty(), "the sweep marked them");
         // What follows them still goes straight from the hand-off.
         let last = events.last().expect("three").clone();
         hand_over(
@@ -773,31 +937,164 @@ mod tests {
         assert_eq!(in_stream(&stream, session).await, vec![1, 2, 3, 4]);
     }
 
-    /// The periodic sweep publishes what has been pending for longer than
-    /// SWEEP_INTERVAL and leaves what the hand-off holds to the next pass.
-    #[tokio::test]
-    async fn the_periodic_sweep_leaves_fresh_events_to_the_hand_off() {
-        let domain = domain().await;
-        let (fresh, fresh_events) = three_events(&domain).await;
-        // Committed, never handed over (a lost hand-off), and pending for 10 s.
-        let (stale, _) = three_events(&domain).await;
+    /// Makes a session's outbox rows 10 s old, as if pending that long.
+    async fn age(domain: &crate::Domain, session: Uuid) {
         outbox::Entity::update_many()
             .col_expr(
                 outbox::Column::OccurredAt,
                 Expr::value(chrono::Utc::now() - chrono::Duration::seconds(10)),
             )
-            .filter(outbox::Column::SessionId.eq(stale))
+            .filter(outbox::Column::SessionId.eq(session))
             .exec(domain.db())
             .await
             .expect("age the events");
+    }
+
+    /// The periodic read publishes what has been pending for longer than
+    /// SWEEP_INTERVAL and leaves what the hand-off holds to the next pass.
+    #[tokio::test]
+    async fn the_periodic_sweep_leaves_fresh_events_to_the_hand_off() {
+        let domain = domain().await;
+        let (fresh, fresh_events) = three_events(&domain).await;
+        // Committed, never handed over (a lost hand-off).
+        let (stale, _) = three_events(&domain).await;
+        age(&domain, stale).await;
         let handoff = Arc::new(Handoff::default());
         let (mut relay, stream) = relay(&domain, handoff.clone());
         hand_over(&handoff, fresh_events);
-        assert_eq!(relay.sweep_stale().await.expect("sweep"), 3);
+        let found = read_stale(domain.db().clone(), Arc::default()).await;
+        assert!(matches!(relay.publish_stale(found).await, Ok(Handed::Done)));
         assert_eq!(in_stream(&stream, stale).await, vec![1, 2, 3]);
         assert_eq!(in_stream(&stream, fresh).await, Vec::<u64>::new());
+        relay.flush_marks().await.expect("mark");
+        assert_eq!(unmarked_rows(&domain, stale).await, 0);
         assert!(matches!(relay.publish_handed().await, Ok(Handed::Done)));
         assert_eq!(in_stream(&stream, fresh).await, vec![1, 2, 3]);
+    }
+
+    /// Events the hand-off published whose mark has not landed yet look stale
+    /// to the periodic read; it marks them and does not publish them again.
+    #[tokio::test]
+    async fn the_periodic_sweep_does_not_publish_again_what_waits_for_its_mark() {
+        let domain = domain().await;
+        let (session, events) = three_events(&domain).await;
+        // Counts publishes; gates none (no session has the nil id).
+        let counted = Arc::new(Gated::new(
+            Arc::new(EmbeddedStream::default()),
+            Uuid::nil(),
+            false,
+        ));
+        let handoff = Arc::new(Handoff::default());
+        let mut relay = Relay::new(domain.db().clone(), counted.clone(), handoff.clone());
+        hand_over(&handoff, events);
+        assert!(matches!(relay.publish_handed().await, Ok(Handed::Done)));
+        assert_eq!(counted.publishes.load(Ordering::SeqCst), 3);
+        age(&domain, session).await;
+        let found = read_stale(domain.db().clone(), Arc::default()).await;
+        assert_eq!(found.as_ref().map(Vec::len).ok(), Some(3), "still unmarked");
+        assert!(matches!(relay.publish_stale(found).await, Ok(Handed::Done)));
+        assert_eq!(
+            counted.publishes.load(Ordering::SeqCst),
+            3,
+            "published again"
+        );
+        relay.flush_marks().await.expect("mark");
+        assert_eq!(unmarked_rows(&domain, session).await, 0);
+    }
+
+    /// Awaits `session` holding `positions` in `stream`, for at most 3 s.
+    async fn until_in_stream(stream: &EmbeddedStream, session: Uuid, positions: Vec<u64>) -> bool {
+        tokio::time::timeout(Duration::from_secs(3), async {
+            while in_stream(stream, session).await != positions {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .is_ok()
+    }
+
+    /// Awaits every outbox row of `session` marked, for at most 5 s.
+    async fn until_marked(domain: &crate::Domain, session: Uuid) -> bool {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while unmarked_rows(domain, session).await > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .is_ok()
+    }
+
+    /// While the database is busy (here: its one SQLite connection held by a
+    /// transaction, as vote batches hold it under load), the running relay
+    /// goes on publishing what commits hand over; the marks land once the
+    /// database is free. The loop used to mark between passes, and a mark
+    /// waiting for the connection held every session's next event.
+    #[tokio::test]
+    async fn a_mark_waiting_for_the_database_holds_back_no_publish() {
+        let domain = domain().await;
+        let (session, events) = three_events(&domain).await;
+        // Pending, never handed over: for the start-up sweep.
+        let (left, _) = three_events(&domain).await;
+        let handoff = Arc::new(Handoff::default());
+        let (relay, stream) = relay(&domain, handoff.clone());
+        let (stop, shutdown) = watch::channel(false);
+        // Marked as published: the start-up sweep must leave it to the hand-off.
+        outbox::Entity::update_many()
+            .col_expr(outbox::Column::PublishedAt, Expr::value(chrono::Utc::now()))
+            .filter(outbox::Column::SessionId.eq(session))
+            .exec(domain.db())
+            .await
+            .expect("hide the events from the sweep");
+        let running = tokio::spawn(relay.run(shutdown));
+        assert!(until_in_stream(&stream, left, vec![1, 2, 3]).await);
+        assert!(
+            until_marked(&domain, left).await,
+            "the start-up sweep did not mark"
+        );
+        let first = Uuid::from_u128(1);
+        let event = |session_id: Uuid, position: u64| SessionEvent {
+            session_id,
+            position,
+            ..events[0].clone()
+        };
+        // The start-up sweep is over: its mark was its last statement. Now the
+        // database is busy, and a statement's worth of sessions asks for a mark
+        // at once.
+        let busy = sea_orm::TransactionTrait::begin(domain.db())
+            .await
+            .expect("hold the connection");
+        outbox::Entity::update_many()
+            .col_expr(
+                outbox::Column::PublishedAt,
+                Expr::value(None::<chrono::DateTime<chrono::Utc>>),
+            )
+            .filter(outbox::Column::SessionId.eq(session))
+            .exec(&busy)
+            .await
+            .expect("unmark in the transaction");
+        let sessions = u128::try_from(MARK_PER_STATEMENT).expect("fits");
+        hand_over(
+            &handoff,
+            (1..=sessions).map(|i| event(Uuid::from_u128(i), 1)),
+        );
+        let last = Uuid::from_u128(sessions);
+        assert!(until_in_stream(&stream, last, vec![1]).await);
+        hand_over(&handoff, [event(first, 2)]);
+        assert!(
+            until_in_stream(&stream, first, vec![1, 2]).await,
+            "a waiting mark held back the next publish"
+        );
+        // The transaction leaves the session's events pending; handed over,
+        // they are published from memory and marked by the marking task.
+        busy.commit().await.expect("commit");
+        hand_over(&handoff, events);
+        assert!(until_in_stream(&stream, session, vec![1, 2, 3]).await);
+        assert!(
+            until_marked(&domain, session).await,
+            "the marks did not land"
+        );
+        stop.send(true).expect("stop");
+        running.await.expect("relay stops");
     }
 
     #[tokio::test]
@@ -924,7 +1221,7 @@ mod tests {
         assert!(matches!(handed, Ok(Handed::Done)));
         assert_eq!(in_stream(&inner, slow).await, vec![1, 2, 3]);
         assert_eq!(relay.known.get(&slow), Some(&3));
-        assert_eq!(relay.unmarked.get(&fast), Some(&(1, 3)));
+        assert_eq!(relay.unmarked.take().get(&fast), Some(&(1, 3)));
     }
 
     /// A stream that is down fails the first publish; the sessions not yet
@@ -954,6 +1251,6 @@ mod tests {
             (1..=SESSIONS_AT_ONCE).contains(&asked),
             "{asked} of {sessions} sessions tried a stream that is down"
         );
-        assert!(relay.unmarked.is_empty() && relay.known.is_empty());
+        assert!(relay.unmarked.take().is_empty() && relay.known.is_empty());
     }
 }
