@@ -214,9 +214,31 @@ pub struct NatsCluster {
 }
 
 impl NatsCluster {
-    /// Starts three nodes. The JetStream meta leader is elected a few seconds
-    /// later; the engine's start-up waits for it.
+    /// Starts three nodes and waits until they have elected a JetStream meta
+    /// leader. A cluster that elects none within [`READY`] is started again
+    /// once, on new ports, its logs printed: once, in CI, one answered "JetStream
+    /// system temporarily unavailable" for the whole of a test (the ports are
+    /// picked before the nodes bind them, and another test may take one first).
     pub fn start() -> NatsCluster {
+        let cluster = Self::start_once();
+        if cluster.has_meta_leader() {
+            return cluster;
+        }
+        eprintln!(
+            "no JetStream meta leader within {READY:?}; starting the cluster again. Logs:\n{}",
+            cluster.logs()
+        );
+        drop(cluster);
+        let cluster = Self::start_once();
+        assert!(
+            cluster.has_meta_leader(),
+            "no JetStream meta leader within {READY:?}; logs:\n{}",
+            cluster.logs()
+        );
+        cluster
+    }
+
+    fn start_once() -> NatsCluster {
         let tmp = tempfile::Builder::new()
             .prefix("pollcast-nats-cluster-")
             .tempdir()
@@ -245,6 +267,35 @@ impl NatsCluster {
             nodes.push(NatsServer::from_config(*port, dir, &config, &text, owner));
         }
         NatsCluster { nodes }
+    }
+
+    /// Waits up to [`READY`] until a node's log says a meta leader was elected
+    /// ("Self is new JetStream cluster metadata leader" on the leader,
+    /// "JetStream cluster new metadata leader: …" on the others).
+    fn has_meta_leader(&self) -> bool {
+        let deadline = Instant::now() + READY;
+        loop {
+            if self
+                .nodes
+                .iter()
+                .any(|node| node.log().contains("metadata leader"))
+            {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Every node's log, for failure messages.
+    fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(|(i, node)| format!("--- n{i}\n{}", node.log()))
+            .collect()
     }
 
     /// Every node's URL.
