@@ -6,7 +6,6 @@
 pub mod client;
 pub mod frames;
 pub mod nats;
-pub mod ports;
 pub mod postgres;
 pub mod process;
 pub mod proxy;

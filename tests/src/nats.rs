@@ -13,6 +13,7 @@
 //! binary fails the test: there is no skipping (`scripts/test.sh` installs one).
 
 use std::io::Write;
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -20,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::ports::listen_port;
 use crate::proxy::DelayProxy;
 
 /// One nats-server with JetStream.
@@ -55,7 +55,7 @@ impl NatsServer {
             .tempdir()
             .expect("temp dir");
         let dir = tmp.path().to_path_buf();
-        let port = listen_port();
+        let port = free_port();
         let args = vec![
             "-a".into(),
             "127.0.0.1".into(),
@@ -217,9 +217,8 @@ impl NatsCluster {
     /// Starts three nodes and waits until they have elected a JetStream meta
     /// leader. A cluster that elects none within [`READY`] is started again
     /// once, on new ports, its logs printed: once, in CI, one answered "JetStream
-    /// system temporarily unavailable" for the whole of a test. (Its logs were
-    /// not kept; in the next CI run a node died on a port another test had
-    /// taken, which [`listen_port`] now avoids.)
+    /// system temporarily unavailable" for the whole of a test (the ports are
+    /// picked before the nodes bind them, and another test may take one first).
     pub fn start() -> NatsCluster {
         let cluster = Self::start_once();
         if cluster.has_meta_leader() {
@@ -244,7 +243,7 @@ impl NatsCluster {
             .prefix("pollcast-nats-cluster-")
             .tempdir()
             .expect("temp dir");
-        let ports: Vec<(u16, u16)> = (0..3).map(|_| (listen_port(), listen_port())).collect();
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
         let routes: Vec<String> = ports
             .iter()
             .map(|(_, route)| format!("\"nats-route://127.0.0.1:{route}\""))
@@ -330,7 +329,7 @@ impl NatsSuperCluster {
         let mut tmp = Some(tmp);
         let ports: Vec<(u16, u16, u16)> = regions
             .iter()
-            .map(|_| (listen_port(), listen_port(), listen_port()))
+            .map(|_| (free_port(), free_port(), free_port()))
             .collect();
         let gateways: Vec<DelayProxy> = ports
             .iter()
@@ -405,6 +404,13 @@ impl NatsSuperCluster {
 fn write_file(path: &Path, text: &str) {
     let mut file = std::fs::File::create(path).expect("create file");
     file.write_all(text.as_bytes()).expect("write file");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
 }
 
 /// The nats-server binary.

@@ -11,6 +11,7 @@
 //! `/usr/lib/postgresql/*/bin`. A cluster that cannot start fails the test: there
 //! is no skipping.
 
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
@@ -94,7 +95,7 @@ impl Cluster {
                 "-D",
             ])
             .arg(&data))?;
-        let port = crate::ports::listen_port();
+        let port = free_port()?;
         let ca = certificates(&dir, root)?;
         // fsync and friends off: the cluster lives for one test run.
         let script = r#"
@@ -225,6 +226,10 @@ fn run(command: &mut Command) -> anyhow::Result<()> {
         String::from_utf8_lossy(&output.stderr)
     );
     Ok(())
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 fn bindir() -> anyhow::Result<PathBuf> {

@@ -5,7 +5,7 @@
 //! fails can print it with [`Pollcast::log`]. A process still running when its
 //! [`Pollcast`] is dropped is killed.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -33,7 +33,10 @@ impl Pollcast {
     /// Starts `binary serve --listen 127.0.0.1:<free port> <args>` with `env`
     /// added to the environment, and waits until `/healthz` answers.
     pub async fn serve(binary: &str, args: &[&str], env: &[(&str, &str)]) -> Pollcast {
-        let port = crate::ports::listen_port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
         let dir = tempfile::tempdir().expect("temp dir");
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut process = Pollcast {
