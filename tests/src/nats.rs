@@ -91,7 +91,7 @@ impl NatsServer {
         config: &Path,
         text: &str,
         owner: Option<TempDir>,
-    ) -> NatsServer {
+    ) -> Result<NatsServer, String> {
         write_file(config, text);
         let mut server = NatsServer {
             port,
@@ -101,8 +101,8 @@ impl NatsServer {
             pid: None,
             _tmp: owner,
         };
-        server.start_again();
-        server
+        server.try_start_again()?;
+        Ok(server)
     }
 
     /// The process-wide standalone server, started on first use, for tests that
@@ -144,6 +144,14 @@ impl NatsServer {
     /// Starts the server (again) on the same port and store, and waits until it
     /// says it is ready.
     pub fn start_again(&mut self) {
+        if let Err(log) = self.try_start_again() {
+            panic!("nats-server not ready within {READY:?}; log:\n{log}");
+        }
+    }
+
+    /// [`NatsServer::start_again`], returning the log when the server stops
+    /// with a fatal error (say, its port taken) or is not ready in time.
+    fn try_start_again(&mut self) -> Result<(), String> {
         assert!(self.keeper.is_none(), "server already running");
         let log = self.dir.join("nats.log");
         let pid_file = self.dir.join("nats.pid");
@@ -178,13 +186,14 @@ impl NatsServer {
             if text.contains("Server is ready") {
                 break;
             }
-            if Instant::now() > deadline {
-                panic!("nats-server not ready within {READY:?}; log:\n{text}");
+            if text.contains("[FTL]") || Instant::now() > deadline {
+                return Err(text);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         let pid = std::fs::read_to_string(&pid_file).expect("pid file");
         self.pid = Some(pid.trim().parse().expect("pid"));
+        Ok(())
     }
 
     /// The nats-server process id, while it runs (benchmarks read its memory).
@@ -215,30 +224,26 @@ pub struct NatsCluster {
 
 impl NatsCluster {
     /// Starts three nodes and waits until they have elected a JetStream meta
-    /// leader. A cluster that elects none within [`READY`] is started again
-    /// once, on new ports, its logs printed: once, in CI, one answered "JetStream
-    /// system temporarily unavailable" for the whole of a test (the ports are
-    /// picked before the nodes bind them, and another test may take one first).
+    /// leader. The ports are picked (bound to port 0 and let go) before the
+    /// nodes bind them, and in CI another test's connection took one first:
+    /// a node died with "address already in use", and once a cluster answered
+    /// "JetStream system temporarily unavailable" for the whole of a test. So a
+    /// cluster that fails to start or elects no leader within [`READY`] is
+    /// started again on new ports, its logs printed, up to three times in all.
     pub fn start() -> NatsCluster {
-        let cluster = Self::start_once();
-        if cluster.has_meta_leader() {
-            return cluster;
+        const ATTEMPTS: usize = 3;
+        for attempt in 1..=ATTEMPTS {
+            let logs = match Self::start_once() {
+                Ok(cluster) if cluster.has_meta_leader() => return cluster,
+                Ok(cluster) => format!("no JetStream meta leader:\n{}", cluster.logs()),
+                Err(log) => format!("a node did not start:\n{log}"),
+            };
+            eprintln!("cluster start, attempt {attempt} of {ATTEMPTS}: {logs}");
         }
-        eprintln!(
-            "no JetStream meta leader within {READY:?}; starting the cluster again. Logs:\n{}",
-            cluster.logs()
-        );
-        drop(cluster);
-        let cluster = Self::start_once();
-        assert!(
-            cluster.has_meta_leader(),
-            "no JetStream meta leader within {READY:?}; logs:\n{}",
-            cluster.logs()
-        );
-        cluster
+        panic!("no three-node cluster in {ATTEMPTS} attempts (logs above)");
     }
 
-    fn start_once() -> NatsCluster {
+    fn start_once() -> Result<NatsCluster, String> {
         let tmp = tempfile::Builder::new()
             .prefix("pollcast-nats-cluster-")
             .tempdir()
@@ -264,9 +269,9 @@ impl NatsCluster {
             );
             // The first node owns the directory of all three.
             let owner = if i == 0 { tmp.take() } else { None };
-            nodes.push(NatsServer::from_config(*port, dir, &config, &text, owner));
+            nodes.push(NatsServer::from_config(*port, dir, &config, &text, owner)?);
         }
-        NatsCluster { nodes }
+        Ok(NatsCluster { nodes })
     }
 
     /// Waits up to [`READY`] until a node's log says a meta leader was elected
@@ -367,7 +372,10 @@ impl NatsSuperCluster {
                 remotes = remotes.join(", "),
             );
             let owner = if i == 0 { tmp.take() } else { None };
-            servers.push(NatsServer::from_config(*port, dir, &config, &text, owner));
+            servers.push(
+                NatsServer::from_config(*port, dir, &config, &text, owner)
+                    .unwrap_or_else(|log| panic!("nats-server not ready; log:\n{log}")),
+            );
         }
         NatsSuperCluster {
             regions: regions.iter().map(|r| (*r).to_owned()).collect(),
