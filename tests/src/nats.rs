@@ -145,7 +145,9 @@ impl NatsServer {
     /// says it is ready.
     pub fn start_again(&mut self) {
         if let Err(log) = self.try_start_again() {
-            panic!("nats-server not ready within {READY:?}; log:\n{log}");
+            panic!(
+                "nats-server did not start (fatal error, or not ready within {READY:?}); log:\n{log}"
+            );
         }
     }
 
@@ -374,7 +376,7 @@ impl NatsSuperCluster {
             let owner = if i == 0 { tmp.take() } else { None };
             servers.push(
                 NatsServer::from_config(*port, dir, &config, &text, owner)
-                    .unwrap_or_else(|log| panic!("nats-server not ready; log:\n{log}")),
+                    .unwrap_or_else(|log| panic!("nats-server did not start; log:\n{log}")),
             );
         }
         NatsSuperCluster {

@@ -149,10 +149,7 @@ impl Unmarked {
     fn add(&self, session_id: Uuid, range: (i64, i64)) {
         let full = {
             let mut ranges = self.ranges.lock().unwrap_or_else(PoisonError::into_inner);
-            ranges
-                .entry(session_id)
-                .and_modify(|r| *r = (r.0.min(range.0), r.1.max(range.1)))
-                .or_insert(range);
+            widen(&mut ranges, session_id, range);
             ranges.len() >= MARK_PER_STATEMENT
         };
         if full {
@@ -424,11 +421,7 @@ impl Relay {
         let read = rows.len();
         let held = rows
             .iter()
-            .filter(|row| {
-                self.known
-                    .get(&row.session_id)
-                    .is_some_and(|&known| u64::try_from(row.position).is_ok_and(|p| p <= known))
-            })
+            .filter(|row| row.position <= self.known_position(row.session_id))
             .count();
         let (published, failure) = self.publish_rows(rows).await;
         let mut progress = 0;
@@ -462,6 +455,14 @@ impl Relay {
             self.known.clear();
         }
         self.known.insert(session_id, position);
+    }
+
+    /// The newest position this relay saw the stream take for `session_id`, as
+    /// the outbox counts (0 for none).
+    fn known_position(&self, session_id: Uuid) -> i64 {
+        self.known
+            .get(&session_id)
+            .map_or(0, |&p| i64::try_from(p).unwrap_or(i64::MAX))
     }
 
     /// Marks the ranges the hand-off published, now.
@@ -567,10 +568,7 @@ impl Relay {
         let mut published = HashMap::new();
         let mut chains = Vec::new();
         for (session_id, session_rows) in by_session(rows, |row| row.session_id) {
-            let known = self
-                .known
-                .get(&session_id)
-                .map_or(0, |&p| i64::try_from(p).unwrap_or(i64::MAX));
+            let known = self.known_position(session_id);
             let (held, rest) =
                 session_rows.split_at(session_rows.partition_point(|row| row.position <= known));
             if let (Some(first), Some(last)) = (held.first(), held.last()) {
@@ -595,10 +593,7 @@ impl Relay {
         for outcome in publish_chains(&self.stream, chains).await {
             if let Some(range) = outcome.range() {
                 // Whole with what the stream held before: it takes no gap.
-                published
-                    .entry(outcome.session_id)
-                    .and_modify(|r: &mut (i64, i64)| *r = (r.0.min(range.0), r.1.max(range.1)))
-                    .or_insert(range);
+                widen(&mut published, outcome.session_id, range);
             }
             match outcome.stop {
                 None => {}
@@ -754,6 +749,15 @@ async fn publish_chain(
         outcome.stop = Some(err);
     }
     outcome
+}
+
+/// Widens `session_id`'s range in `ranges` to take in `range` (both whole in
+/// the stream, so everything between them is too).
+fn widen(ranges: &mut HashMap<Uuid, (i64, i64)>, session_id: Uuid, range: (i64, i64)) {
+    ranges
+        .entry(session_id)
+        .and_modify(|r| *r = (r.0.min(range.0), r.1.max(range.1)))
+        .or_insert(range);
 }
 
 /// Splits `items`, sorted by session, into each session's run.
